@@ -1,0 +1,317 @@
+"""Zero-invariant groups of transformer models: attention heads and FFN rows, driven by a `model_type` table.
+
+Adding an architecture is one row of [`TRANSFORMER_LAYOUTS`]: where its layers are, the names of the q/k/v/output
+projections and of the FFN projections inside one layer, and the attention attributes that hold the head count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import logging
+
+from .groups import ZIGFamily, ZIGMember, ZIGSet, family_matches
+
+
+logger = logging.get_logger(__name__)
+
+SUPPORTED_FAMILIES = ("heads", "ffn")
+
+
+@dataclass(frozen=True)
+class TransformerLayout:
+    """Where the prunable pieces of one transformer architecture live.
+
+    Module paths are relative to one layer (`<base model>.<layers>.<i>`), except `layers`, which is relative to the
+    base model (`model.base_model`).
+
+    Args:
+        layers (`str`): Path of the `nn.ModuleList` of layers.
+        attention (`str`): The module that computes the heads; replaced by a stand-in when a layer loses them all.
+        query, key, value (`str`): The q/k/v projections (`nn.Linear`, heads along the output dimension).
+        output (`str`): The attention output projection (heads along its input dimension).
+        up (`str`): The FFN up projection (rows along its output dimension).
+        down (`str`): The FFN down projection (rows along its input dimension).
+        gate (`str`, *optional*): The gate projection of gated FFNs.
+        num_heads_config (`str`): Config attribute with the number of query heads.
+        num_kv_heads_config (`str`, *optional*): Config attribute with the number of key/value heads (GQA).
+        head_count_attrs (`tuple[str, ...]`): Attributes of `attention` that hold its number of query heads.
+        head_width_attrs (`tuple[str, ...]`): Attributes of `attention` that hold query heads x head size.
+    """
+
+    layers: str
+    attention: str
+    query: str
+    key: str
+    value: str
+    output: str
+    up: str
+    down: str
+    gate: str | None = None
+    num_heads_config: str = "num_attention_heads"
+    num_kv_heads_config: str | None = None
+    head_count_attrs: tuple[str, ...] = ()
+    head_width_attrs: tuple[str, ...] = ()
+
+    @property
+    def output_inside_attention(self) -> bool:
+        """Whether the output projection is a child of `attention` (Llama) rather than a sibling (BERT)."""
+        return self.output.startswith(self.attention + ".")
+
+
+_BERT_LIKE = TransformerLayout(
+    layers="encoder.layer",
+    attention="attention.self",
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    output="attention.output.dense",
+    up="intermediate.dense",
+    down="output.dense",
+    head_count_attrs=("num_attention_heads",),
+    head_width_attrs=("all_head_size",),
+)
+
+_LLAMA_LIKE = TransformerLayout(
+    layers="layers",
+    attention="self_attn",
+    query="self_attn.q_proj",
+    key="self_attn.k_proj",
+    value="self_attn.v_proj",
+    output="self_attn.o_proj",
+    gate="mlp.gate_proj",
+    up="mlp.up_proj",
+    down="mlp.down_proj",
+    num_kv_heads_config="num_key_value_heads",
+)
+
+TRANSFORMER_LAYOUTS: dict[str, TransformerLayout] = {
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+    "xlm-roberta": _BERT_LIKE,
+    "electra": _BERT_LIKE,
+    "vit": TransformerLayout(
+        layers="encoder.layer",
+        attention="attention.attention",
+        query="attention.attention.query",
+        key="attention.attention.key",
+        value="attention.attention.value",
+        output="attention.output.dense",
+        up="intermediate.dense",
+        down="output.dense",
+        head_count_attrs=("num_attention_heads",),
+        head_width_attrs=("all_head_size",),
+    ),
+    "distilbert": TransformerLayout(
+        layers="transformer.layer",
+        attention="attention",
+        query="attention.q_lin",
+        key="attention.k_lin",
+        value="attention.v_lin",
+        output="attention.out_lin",
+        up="ffn.lin1",
+        down="ffn.lin2",
+        num_heads_config="n_heads",
+        head_count_attrs=("n_heads",),
+        head_width_attrs=("dim",),
+    ),
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+}
+"""`config.model_type` → where the heads and FFN rows are. Add a row to support a new architecture."""
+
+
+def get_layout(model: nn.Module) -> TransformerLayout:
+    """Returns the [`TransformerLayout`] of `model`, or raises a `ValueError` that lists the supported types."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in TRANSFORMER_LAYOUTS:
+        supported = ", ".join(sorted(TRANSFORMER_LAYOUTS))
+        raise ValueError(
+            f"hf_oto has no zero-invariant group layout for model_type={model_type!r} ({type(model).__name__}). "
+            f"Supported model types: {supported}. To add one, add a `TransformerLayout` row for it to "
+            "`hf_oto.zig.transformers.TRANSFORMER_LAYOUTS` naming its layer list and its q/k/v/output and FFN "
+            "projection modules."
+        )
+    return TRANSFORMER_LAYOUTS[model_type]
+
+
+def base_model_prefix(model: nn.Module) -> str:
+    """The path of `model.base_model` inside `model` (`"bert"` for `BertForQuestionAnswering`, `""` for `BertModel`)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        return prefix
+    return ""
+
+
+def _join(*parts: str) -> str:
+    return ".".join(part for part in parts if part)
+
+
+def _linear(model: nn.Module, path: str, model_type: str) -> nn.Linear:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear):
+        found = "missing" if module is None else f"a {type(module).__name__}"
+        raise ValueError(
+            f"Expected an nn.Linear at {path!r} (the hf_oto layout of model_type={model_type!r}), but it is {found}. "
+            "The model's modules do not match the layout table, e.g. because it runs custom code: add a "
+            "`TransformerLayout` row that matches its module names to `hf_oto.zig.transformers.TRANSFORMER_LAYOUTS`."
+        )
+    return module
+
+
+def _members(path: str, linear: nn.Linear, dim: int) -> list[ZIGMember]:
+    members = [ZIGMember(f"{path}.weight", dim)]
+    if linear.bias is not None and dim == 0:
+        members.append(ZIGMember(f"{path}.bias", 0))
+    return members
+
+
+def transformer_families(
+    model: PreTrainedModel, families: Sequence[str] = SUPPORTED_FAMILIES
+) -> list[ZIGFamily]:
+    """The head and FFN-row families of every layer of a supported transformer model."""
+    layout = get_layout(model)
+    config = model.config
+    model_type = config.model_type
+    layers_path = _join(base_model_prefix(model), layout.layers)
+    try:
+        layers = model.get_submodule(layers_path)
+    except AttributeError:
+        layers = None
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"Expected the list of layers at {layers_path!r} (the hf_oto layout of model_type={model_type!r}), but "
+            "it is missing. The model's modules do not match the layout table, e.g. because it runs custom code."
+        )
+    num_heads = getattr(config, layout.num_heads_config)
+    num_kv_heads = getattr(config, layout.num_kv_heads_config, None) if layout.num_kv_heads_config else None
+    num_kv_heads = num_kv_heads or num_heads
+
+    result: list[ZIGFamily] = []
+    for index in range(len(layers)):
+        layer_path = _join(layers_path, str(index))
+        path = {
+            role: _join(layer_path, getattr(layout, role))
+            for role in ("attention", "query", "key", "value", "output", "up", "down", "gate")
+            if getattr(layout, role) is not None
+        }
+        if "heads" in families:
+            query = _linear(model, path["query"], model_type)
+            key = _linear(model, path["key"], model_type)
+            value = _linear(model, path["value"], model_type)
+            output = _linear(model, path["output"], model_type)
+            head_dim = query.out_features // num_heads
+            queries_per_group = num_heads // num_kv_heads
+            if key.out_features != num_kv_heads * head_dim or value.out_features != num_kv_heads * head_dim:
+                raise ValueError(
+                    f"Layer {layer_path!r}: key/value projections have {key.out_features}/{value.out_features} "
+                    f"outputs, expected {num_kv_heads} heads x {head_dim}. Was the model already pruned? Load pruned "
+                    "checkpoints with `hf_oto.load_pruned_model`."
+                )
+            result.append(
+                ZIGFamily(
+                    name=f"{layer_path}.heads",
+                    kind="heads",
+                    num_groups=num_kv_heads,
+                    members=tuple(
+                        _members(path["query"], query, 0)
+                        + _members(path["key"], key, 0)
+                        + _members(path["value"], value, 0)
+                    ),
+                    dependents=(ZIGMember(f"{path['output']}.weight", 1),),
+                    layer=index,
+                    module=layer_path,
+                    meta={
+                        "head_dim": head_dim,
+                        "queries_per_group": queries_per_group,
+                        "attention": path["attention"],
+                        "output": path["output"],
+                        "output_inside_attention": layout.output_inside_attention,
+                        "head_count_attrs": layout.head_count_attrs,
+                        "head_width_attrs": layout.head_width_attrs,
+                    },
+                )
+            )
+        if "ffn" in families:
+            up = _linear(model, path["up"], model_type)
+            _linear(model, path["down"], model_type)
+            members = _members(path["up"], up, 0)
+            if "gate" in path:
+                members += _members(path["gate"], _linear(model, path["gate"], model_type), 0)
+            result.append(
+                ZIGFamily(
+                    name=f"{layer_path}.ffn",
+                    kind="ffn",
+                    num_groups=up.out_features,
+                    members=tuple(members),
+                    dependents=(ZIGMember(f"{path['down']}.weight", 1),),
+                    layer=index,
+                    module=layer_path,
+                    meta={},
+                )
+            )
+    return result
+
+
+def build_zigs(
+    model: nn.Module, *, families: Sequence[str] = SUPPORTED_FAMILIES, exclude: Sequence[str] = ()
+) -> ZIGSet:
+    """Partitions a model's prunable parameters into zero-invariant groups.
+
+    Args:
+        model (`nn.Module`):
+            A transformers model of a supported `model_type` (any of its `*For...` task variants).
+        families (`Sequence[str]`, *optional*, defaults to `("heads", "ffn")`):
+            Which kinds of groups to build: `"heads"` (the q/k/v rows of one attention head; with grouped-query
+            attention, one key/value head with the query heads that share it) and/or `"ffn"` (one row of the FFN up
+            projection, and of the gate projection for gated FFNs).
+        exclude (`Sequence[str]`, *optional*):
+            `fnmatch` patterns of families to leave out, matched against the family name
+            (`"<layer path>.heads"` / `"<layer path>.ffn"`) and its parameter names. For example
+            `["*.layer.5.*"]` keeps layer 5 whole and `["*.query.*"]` would leave out every head family.
+
+    Returns:
+        [`ZIGSet`]: the groups, in layer order.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from hf_oto import build_zigs
+
+    >>> config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    >>> zigs = build_zigs(BertForSequenceClassification(config), exclude=["*.layer.1.*"])
+    >>> zigs.num_groups_by_kind()
+    {'heads': 4, 'ffn': 37}
+    ```
+    """
+    if isinstance(families, str):
+        families = (families,)
+    unknown = [family for family in families if family not in SUPPORTED_FAMILIES]
+    if unknown or not families:
+        raise ValueError(
+            f"Unknown group families {unknown or list(families)}; choose one or more of {list(SUPPORTED_FAMILIES)}."
+        )
+    all_families = transformer_families(model, families)
+    for pattern in exclude:
+        if not any(family_matches(family, [pattern]) for family in all_families):
+            raise ValueError(
+                f"The exclude pattern {pattern!r} matches no group family. Family names look like "
+                f"{all_families[0].name!r}; patterns are fnmatch-style, e.g. '*.layer.5.*'."
+            )
+    kept = [family for family in all_families if not family_matches(family, exclude)]
+    if not kept:
+        raise ValueError(
+            f"The exclude patterns {list(exclude)} leave no group to train for sparsity; exclude fewer modules."
+        )
+    if len(kept) < len(all_families):
+        logger.info(f"Excluded {len(all_families) - len(kept)} of {len(all_families)} group families: {list(exclude)}.")
+    return ZIGSet(model, kept)
