@@ -66,17 +66,42 @@ TINY_MODEL_FACTORIES = {
     "electra": lambda: _encoder(ElectraConfig, ElectraForSequenceClassification, embedding_size=16),
     "electra-qa": lambda: _encoder(ElectraConfig, ElectraForQuestionAnswering, embedding_size=16),
     "distilbert": lambda: DistilBertForSequenceClassification(
-        DistilBertConfig(vocab_size=99, dim=32, n_layers=3, n_heads=4, hidden_dim=37, max_position_embeddings=64,
-                         dropout=0.0, attention_dropout=0.0)
+        DistilBertConfig(
+            vocab_size=99,
+            dim=32,
+            n_layers=3,
+            n_heads=4,
+            hidden_dim=37,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+        )
     ),
     "distilbert-qa": lambda: DistilBertForQuestionAnswering(
-        DistilBertConfig(vocab_size=99, dim=32, n_layers=3, n_heads=4, hidden_dim=37, max_position_embeddings=64,
-                         dropout=0.0, attention_dropout=0.0)
+        DistilBertConfig(
+            vocab_size=99,
+            dim=32,
+            n_layers=3,
+            n_heads=4,
+            hidden_dim=37,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+        )
     ),
     "vit": lambda: ViTForImageClassification(
-        ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=3,
-                  num_attention_heads=4, intermediate_size=37, num_labels=5, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0)
+        ViTConfig(
+            image_size=16,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=37,
+            num_labels=5,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
     ),
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**DECODER_KWARGS)),
     "llama-cls": lambda: LlamaForSequenceClassification(LlamaConfig(**DECODER_KWARGS, num_labels=2, pad_token_id=0)),

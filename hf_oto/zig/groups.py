@@ -104,7 +104,9 @@ class ZIGSet:
         for family in self.families:
             for member in (*family.members, *family.dependents):
                 if member.param_name not in parameters:
-                    raise ValueError(f"Family {family.name!r} names parameter {member.param_name!r}, which the model lacks.")
+                    raise ValueError(
+                        f"Family {family.name!r} names parameter {member.param_name!r}, which the model lacks."
+                    )
                 size = parameters[member.param_name].shape[member.dim]
                 if size % family.num_groups != 0:
                     raise ValueError(

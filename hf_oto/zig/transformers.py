@@ -174,9 +174,7 @@ def _members(path: str, linear: nn.Linear, dim: int) -> list[ZIGMember]:
     return members
 
 
-def transformer_families(
-    model: PreTrainedModel, families: Sequence[str] = SUPPORTED_FAMILIES
-) -> list[ZIGFamily]:
+def transformer_families(model: PreTrainedModel, families: Sequence[str] = SUPPORTED_FAMILIES) -> list[ZIGFamily]:
     """The head and FFN-row families of every layer of a supported transformer model."""
     layout = get_layout(model)
     config = model.config
@@ -207,7 +205,7 @@ def transformer_families(
             query = _linear(model, path["query"], model_type)
             key = _linear(model, path["key"], model_type)
             value = _linear(model, path["value"], model_type)
-            output = _linear(model, path["output"], model_type)
+            _linear(model, path["output"], model_type)
             head_dim = query.out_features // num_heads
             queries_per_group = num_heads // num_kv_heads
             if key.out_features != num_kv_heads * head_dim or value.out_features != num_kv_heads * head_dim:
@@ -313,5 +311,7 @@ def build_zigs(
             f"The exclude patterns {list(exclude)} leave no group to train for sparsity; exclude fewer modules."
         )
     if len(kept) < len(all_families):
-        logger.info(f"Excluded {len(all_families) - len(kept)} of {len(all_families)} group families: {list(exclude)}.")
+        logger.info(
+            f"Excluded {len(all_families) - len(kept)} of {len(all_families)} group families: {list(exclude)}."
+        )
     return ZIGSet(model, kept)

