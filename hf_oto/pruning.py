@@ -1,0 +1,466 @@
+"""One-shot pruning (OTO, section 3.4): slice the zero groups out of a group-sparse model.
+
+A zero-invariant group whose penalised parameters are all zero contributes exactly nothing to the model's outputs:
+its q/k/v rows produce zero queries, keys and values (an attention head whose values are zero outputs zero whatever
+its attention pattern), and its FFN up (and gate) rows produce zero activations. Removing those rows, together with
+the columns of the output/down projections that only ever multiply them (the *dependents*), gives a slim model whose
+outputs equal the group-sparse full model's.
+
+[`prune_zero_groups`] does the slicing in place (or on a copy), updates the attention modules' head counts, replaces
+an attention module that loses all its heads by a [`PrunedAttention`] stand-in, and records the per-layer sizes in
+`model.config.oto_layout`. [`apply_layout`] reshapes a freshly built dense model to such a recorded layout through
+the same slicing code; [`hf_oto.modeling.load_pruned_model`] uses it to reload pruned checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .flops import count_flops, count_parameters
+from .zig.groups import ZIGFamily, ZIGSet
+from .zig.transformers import SUPPORTED_FAMILIES, _join, base_model_prefix, get_layout, transformer_families
+
+
+logger = logging.get_logger(__name__)
+
+LAYOUT_FORMAT_VERSION = 1
+"""Version of the `config.oto_layout` dict written by [`prune_zero_groups`]."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stand-in for an attention module without heads
+# ----------------------------------------------------------------------------------------------------------------
+class PrunedAttention(nn.Module):
+    """Stand-in for an attention module whose heads are all pruned.
+
+    The model's own attention cannot run without heads (it reshapes with `-1` over 0 elements), so the module is
+    replaced by this one. It registers the original module's children under the same names (the q/k/v projections
+    with 0 output rows, and the output projection when it lives inside the attention module), so the state-dict keys
+    do not change, and returns exactly what zero heads give:
+
+    - `"context"` (BERT, ViT: the output projection is a sibling): `(zeros[..., 0], None)`; the sibling output
+      projection, with 0 input features, then yields its bias;
+    - `"decoder"` (Llama, Mistral, Qwen2: `o_proj` inside): `(o_proj(zeros[..., 0]), None)`; a passed
+      `past_key_values` cache is updated with empty `[B, 0, T, head_dim]` key/value states so it still counts the
+      sequence length during generation;
+    - `"distilbert"` (`out_lin` inside, called with `query=`, ...): `(out,)`, or `(out, None)` with
+      `output_attentions=True`.
+
+    Args:
+        original (`nn.Module`): The attention module being replaced; its children are taken over.
+        style (`str`): One of `"context"`, `"decoder"`, `"distilbert"`.
+        output (`str`, *optional*): Name of the output projection child (for `"decoder"` and `"distilbert"`).
+        head_dim (`int`): Size of one head (for the empty cache entries).
+        layer_idx (`int`, *optional*): Index of the layer in the cache.
+    """
+
+    STYLES = ("context", "decoder", "distilbert")
+
+    def __init__(
+        self,
+        original: nn.Module,
+        style: str,
+        *,
+        output: str | None = None,
+        head_dim: int = 1,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        if style not in self.STYLES:
+            raise ValueError(f"Unknown PrunedAttention style {style!r}; choose one of {self.STYLES}.")
+        if style != "context" and output is None:
+            raise ValueError(f"PrunedAttention style {style!r} needs the name of the output projection child.")
+        self.style = style
+        self.output_name = output
+        self.head_dim = head_dim
+        self.layer_idx = layer_idx
+        self.original_class = type(original).__name__
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        for name, param in original.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in original.named_buffers(recurse=False):
+            persistent = name not in getattr(original, "_non_persistent_buffers_set", set())
+            self.register_buffer(name, buffer, persistent=persistent)
+
+    def extra_repr(self) -> str:
+        return f"style={self.style!r}, replaces={self.original_class}, heads=0"
+
+    def _empty_heads(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_zeros(*hidden.shape[:-1], 0)
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple:
+        if self.style == "distilbert":
+            query = kwargs["query"] if "query" in kwargs else args[0]
+            out = self.get_submodule(self.output_name)(self._empty_heads(query))
+            return (out, None) if kwargs.get("output_attentions", False) else (out,)
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if self.style == "context":
+            return self._empty_heads(hidden), None
+        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        if cache is not None and self.layer_idx is not None:
+            batch, length = hidden.shape[0], hidden.shape[-2]
+            empty = hidden.new_zeros(batch, 0, length, self.head_dim)
+            cache.update(empty, empty, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
+        return self.get_submodule(self.output_name)(self._empty_heads(hidden)), None
+
+
+def _stand_in_style(attention: nn.Module, output_inside: bool) -> str:
+    if not output_inside:
+        return "context"
+    parameters = list(inspect.signature(attention.forward).parameters)
+    return "distilbert" if parameters[:1] == ["query"] else "decoder"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layout (per-layer sizes) of a model
+# ----------------------------------------------------------------------------------------------------------------
+def _layers(model: nn.Module) -> nn.ModuleList:
+    layout = get_layout(model)
+    layers = model.get_submodule(_join(base_model_prefix(model), layout.layers))
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"Expected the layers of {type(model).__name__} at {layout.layers!r}, found none.")
+    return layers
+
+
+def _head_sizes(model: nn.Module) -> tuple[int, int, int | None]:
+    """(query heads, head size, key/value heads or None) of the dense architecture, from the config."""
+    layout = get_layout(model)
+    config = model.config
+    num_heads = getattr(config, layout.num_heads_config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    num_kv_heads = None
+    if layout.num_kv_heads_config:
+        num_kv_heads = getattr(config, layout.num_kv_heads_config, None) or num_heads
+    return num_heads, head_dim, num_kv_heads
+
+
+def current_layout(model: nn.Module) -> dict[str, Any]:
+    """The per-layer sizes a model computes now: query heads, key/value heads (GQA models) and FFN rows.
+
+    Read from the modules themselves (the q/k and FFN up projections), so it is right for dense, pruned and reloaded
+    models alike.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, BertModel
+    >>> from hf_oto.pruning import current_layout
+
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+    >>> current_layout(model)
+    {'format_version': 1, 'num_attention_heads': [4, 4], 'intermediate_size': [37, 37]}
+    ```
+    """
+    layout = get_layout(model)
+    _, head_dim, num_kv_heads = _head_sizes(model)
+    heads, kv_heads, ffn = [], [], []
+    for layer in _layers(model):
+        heads.append(layer.get_submodule(layout.query).out_features // head_dim)
+        kv_heads.append(layer.get_submodule(layout.key).out_features // head_dim)
+        ffn.append(layer.get_submodule(layout.up).out_features)
+    result: dict[str, Any] = {"format_version": LAYOUT_FORMAT_VERSION, "num_attention_heads": heads}
+    if num_kv_heads is not None:
+        result["num_key_value_heads"] = kv_heads
+    result["intermediate_size"] = ffn
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slicing (shared by prune_zero_groups and apply_layout)
+# ----------------------------------------------------------------------------------------------------------------
+def _group_indices(kept_groups: torch.Tensor, num_groups: int, size: int) -> torch.Tensor:
+    chunk = size // num_groups
+    offsets = torch.arange(chunk, dtype=torch.long)
+    return (kept_groups.view(-1, 1).long() * chunk + offsets.view(1, -1)).flatten()
+
+
+def _check_not_stale(model: nn.Module, family: ZIGFamily) -> None:
+    """Raises if the family no longer describes the model (e.g. it was built before an earlier pruning)."""
+    if family.kind not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"prune_zero_groups slices transformer families {list(SUPPORTED_FAMILIES)}; family {family.name!r} is of "
+            f"kind {family.kind!r}."
+        )
+    first = family.members[0]
+    size = model.get_parameter(first.param_name).shape[first.dim]
+    expected = family.num_groups
+    if family.kind == "heads":
+        expected *= family.meta["head_dim"] * family.meta["queries_per_group"]
+    if size != expected:
+        raise ValueError(
+            f"Family {family.name!r} expects {expected} entries along dim {first.dim} of {first.param_name!r}, but the "
+            f"model has {size}: the ZIGs are stale (the model was pruned or reshaped after `build_zigs`). Call "
+            "`build_zigs` again on the current model."
+        )
+
+
+@torch.no_grad()
+def _slice_families(model: nn.Module, plan: Sequence[tuple[ZIGFamily, torch.Tensor]]) -> None:
+    """Keeps only the groups `kept` (sorted group indices) of every family; the one slicing code path."""
+    for family, kept in plan:
+        kept = torch.as_tensor(kept, dtype=torch.long).flatten().sort().values
+        if kept.numel() == family.num_groups:
+            continue
+        touched: dict[str, nn.Module] = {}
+        for member in (*family.members, *family.dependents):
+            module_name, _, attr = member.param_name.rpartition(".")
+            module = model.get_submodule(module_name)
+            param = getattr(module, attr)
+            index = _group_indices(kept, family.num_groups, param.shape[member.dim]).to(param.device)
+            sliced = param.data.index_select(member.dim, index).clone()
+            setattr(module, attr, nn.Parameter(sliced, requires_grad=param.requires_grad))
+            touched[module_name] = module
+        for module in touched.values():
+            if isinstance(module, nn.Linear):
+                module.out_features, module.in_features = module.weight.shape
+        if family.kind == "heads":
+            _update_attention(model, family, int(kept.numel()))
+
+
+def _update_attention(model: nn.Module, family: ZIGFamily, kept_groups: int) -> None:
+    meta = family.meta
+    heads = kept_groups * meta["queries_per_group"]
+    attention_path = meta["attention"]
+    attention = model.get_submodule(attention_path)
+    for attr in meta.get("head_count_attrs", ()):
+        setattr(attention, attr, heads)
+    for attr in meta.get("head_width_attrs", ()):
+        setattr(attention, attr, heads * meta["head_dim"])
+    if kept_groups > 0 or isinstance(attention, PrunedAttention):
+        return
+    output_inside = meta["output_inside_attention"]
+    output = meta["output"][len(attention_path) + 1 :] if output_inside else None
+    stand_in = PrunedAttention(
+        attention,
+        _stand_in_style(attention, output_inside),
+        output=output,
+        head_dim=meta["head_dim"],
+        layer_idx=getattr(attention, "layer_idx", family.layer),
+    )
+    parent_name, _, child = attention_path.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, stand_in)
+    logger.info(f"All heads of {attention_path} are pruned; replaced it by a PrunedAttention stand-in.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class PruningReport:
+    """What [`prune_zero_groups`] removed.
+
+    Per-layer lists have one entry per transformer layer; `num_key_value_heads_*` is `None` for models without
+    grouped-query attention.
+    """
+
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    seq_length: int
+    num_attention_heads_before: list[int] = field(default_factory=list)
+    num_attention_heads_after: list[int] = field(default_factory=list)
+    intermediate_size_before: list[int] = field(default_factory=list)
+    intermediate_size_after: list[int] = field(default_factory=list)
+    num_key_value_heads_before: list[int] | None = None
+    num_key_value_heads_after: list[int] | None = None
+
+    @property
+    def params_ratio(self) -> float:
+        """Remaining share of the parameters."""
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def flops_ratio(self) -> float:
+        """Remaining share of the forward FLOPs."""
+        return self.flops_after / self.flops_before if self.flops_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of all fields and the two ratios."""
+        result = asdict(self)
+        result["params_ratio"] = self.params_ratio
+        result["flops_ratio"] = self.flops_ratio
+        return result
+
+    def __str__(self) -> str:
+        gqa = self.num_key_value_heads_before is not None
+        header = f"{'layer':>5} {'heads':>11}" + (f" {'kv heads':>11}" if gqa else "") + f" {'ffn rows':>13}"
+        lines = [header]
+        for i, (h0, h1, f0, f1) in enumerate(
+            zip(
+                self.num_attention_heads_before,
+                self.num_attention_heads_after,
+                self.intermediate_size_before,
+                self.intermediate_size_after,
+            )
+        ):
+            kv = f" {self.num_key_value_heads_before[i]:>4} -> {self.num_key_value_heads_after[i]:<3}" if gqa else ""
+            lines.append(f"{i:>5} {h0:>4} -> {h1:<3}{kv} {f0:>6} -> {f1:<5}")
+        lines.append(
+            f"params: {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.1%}); "
+            f"FLOPs at seq_length={self.seq_length}: {self.flops_before:,} -> {self.flops_after:,} "
+            f"({self.flops_ratio:.1%})"
+        )
+        return "\n".join(lines)
+
+
+def prune_zero_groups(
+    model: nn.Module, zigs: ZIGSet, *, seq_length: int = 128, inplace: bool = True
+) -> tuple[nn.Module, PruningReport]:
+    """Slices every zero group out of a group-sparse model (OTO section 3.4); the slim model gives the same outputs.
+
+    For every family of `zigs`, the groups whose penalised parameters are all exactly zero are removed from their
+    members (q/k/v rows of a head, FFN up/gate rows) and from their dependents (the matching input columns of the
+    attention output and FFN down projections). `nn.Linear` sizes and the attention modules' head counts are updated;
+    an attention module left without heads is replaced by a [`PrunedAttention`] stand-in. The per-layer sizes are
+    recorded in `model.config.oto_layout`, which [`~hf_oto.modeling.save_pruned_model`] writes to `config.json`.
+
+    After pruning, `zigs` (and any optimizer built on the old parameters) is stale: the model holds new parameter
+    tensors of new shapes. Build new ZIGs with [`build_zigs`] only from a dense model.
+
+    Args:
+        model (`nn.Module`):
+            The group-sparse model (a supported transformers model, any task head).
+        zigs ([`ZIGSet`]):
+            Its zero-invariant groups, from [`build_zigs`]. Zero groups are read from `model`'s current weights.
+        seq_length (`int`, *optional*, defaults to 128):
+            Sequence length (batch 1) of the dummy forward used to count FLOPs before and after.
+        inplace (`bool`, *optional*, defaults to `True`):
+            Prune `model` itself; with `False`, prune and return a deep copy and leave `model` untouched.
+
+    Returns:
+        `tuple[nn.Module, PruningReport]`: the slim model and a [`PruningReport`].
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertModel
+    >>> from hf_oto import build_zigs
+    >>> from hf_oto.pruning import prune_zero_groups
+
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+    >>> zigs = build_zigs(model)
+    >>> zigs.set_zero(zigs.random_zero_mask(0.5, generator=torch.Generator().manual_seed(0)))
+    >>> slim, report = prune_zero_groups(model.eval(), zigs, seq_length=16, inplace=False)
+    >>> print(report)  # doctest: +SKIP
+    ```
+    """
+    for family in zigs.families:
+        _check_not_stale(model, family)
+    # Read the zero groups from `model` itself, so ZIGs built on an equal copy work too.
+    masks = ZIGSet(model, zigs.families).family_zero_masks()
+    params_before = count_parameters(model)
+    flops_before = count_flops(model, seq_length=seq_length)
+    layout_before = current_layout(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    plan = [(family, torch.nonzero(~masks[family.name]).flatten()) for family in zigs.families]
+    _slice_families(model, plan)
+    layout_after = current_layout(model)
+    model.config.oto_layout = layout_after
+    report = PruningReport(
+        params_before=params_before,
+        params_after=count_parameters(model),
+        flops_before=flops_before,
+        flops_after=count_flops(model, seq_length=seq_length),
+        seq_length=seq_length,
+        num_attention_heads_before=layout_before["num_attention_heads"],
+        num_attention_heads_after=layout_after["num_attention_heads"],
+        intermediate_size_before=layout_before["intermediate_size"],
+        intermediate_size_after=layout_after["intermediate_size"],
+        num_key_value_heads_before=layout_before.get("num_key_value_heads"),
+        num_key_value_heads_after=layout_after.get("num_key_value_heads"),
+    )
+    logger.info(f"Pruned {sum(int(m.sum()) for m in masks.values())} zero groups.\n{report}")
+    return model, report
+
+
+def _validate_layout(layout: Mapping[str, Any], num_layers: int, dense: Mapping[str, Any]) -> None:
+    if not isinstance(layout, Mapping):
+        raise ValueError(f"oto_layout must be a dict; got {type(layout).__name__}.")
+    version = layout.get("format_version")
+    if version != LAYOUT_FORMAT_VERSION:
+        raise ValueError(
+            f"oto_layout has format_version={version!r}; this hf_oto reads version {LAYOUT_FORMAT_VERSION}. Upgrade "
+            "hf_oto to load this checkpoint."
+        )
+    for key in ("num_attention_heads", "intermediate_size", "num_key_value_heads"):
+        if key not in dense:
+            continue
+        values = layout.get(key)
+        if key == "num_key_value_heads" and values is None:
+            continue
+        if not isinstance(values, Sequence) or len(values) != num_layers:
+            raise ValueError(
+                f"oto_layout[{key!r}] must list one size per layer ({num_layers} layers); got {values!r}."
+            )
+        for i, (value, full) in enumerate(zip(values, dense[key])):
+            if not isinstance(value, int) or not 0 <= value <= full:
+                raise ValueError(f"oto_layout[{key!r}][{i}] = {value!r} is not an integer in [0, {full}].")
+
+
+def apply_layout(model: nn.Module, layout: Mapping[str, Any]) -> nn.Module:
+    """Reshapes a freshly built dense model to a recorded `oto_layout`, in place.
+
+    Keeps the first `k` groups of every head and FFN family (the values do not matter: the pruned checkpoint's
+    weights overwrite them when they load). Uses the same slicing code as [`prune_zero_groups`], so the modules, their
+    attributes and the state-dict keys and shapes match those of the pruned model.
+
+    Args:
+        model (`nn.Module`): A dense model built from the pruned checkpoint's config (e.g. `AutoModel.from_config`).
+        layout (`dict`): The `oto_layout` recorded in the config by [`prune_zero_groups`].
+
+    Returns:
+        `nn.Module`: the same `model`, reshaped, with `model.config.oto_layout` set.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, BertModel
+    >>> from hf_oto.pruning import apply_layout
+
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+    >>> layout = {"format_version": 1, "num_attention_heads": [2, 0], "intermediate_size": [10, 37]}
+    >>> apply_layout(model, layout).encoder.layer[0].attention.self.query.out_features
+    16
+    ```
+    """
+    dense = current_layout(model)
+    families = transformer_families(model)
+    num_layers = len(dense["num_attention_heads"])
+    _validate_layout(layout, num_layers, dense)
+    plan = []
+    for family in families:
+        if family.kind == "heads":
+            qpg = family.meta["queries_per_group"]
+            if "num_key_value_heads" in dense and layout.get("num_key_value_heads") is not None:
+                kept = layout["num_key_value_heads"][family.layer]
+                if layout["num_attention_heads"][family.layer] != kept * qpg:
+                    raise ValueError(
+                        f"oto_layout of layer {family.layer}: {layout['num_attention_heads'][family.layer]} query "
+                        f"heads do not match {kept} key/value heads x {qpg} query heads per group."
+                    )
+            else:
+                heads = layout["num_attention_heads"][family.layer]
+                if heads % qpg:
+                    raise ValueError(
+                        f"oto_layout of layer {family.layer}: {heads} query heads is not a multiple of the {qpg} "
+                        "query heads per key/value head."
+                    )
+                kept = heads // qpg
+        else:
+            kept = layout["intermediate_size"][family.layer]
+        plan.append((family, torch.arange(kept)))
+    _slice_families(model, plan)
+    model.config.oto_layout = current_layout(model)
+    return model
