@@ -1,5 +1,5 @@
 # `make test` and `make demo` work on a fresh machine: they create the virtual environment on first use.
-.PHONY: install style quality test test-fast clean-venv
+.PHONY: install style quality test demo demo-quick clean-venv
 
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -28,6 +28,15 @@ quality: install
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# The main job: OTO on the real MiniLM BERT with the movie-review sentences (offline). Pass more flags with
+# DEMO_ARGS, e.g. `make demo DEMO_ARGS=--overwrite_output_dir` to replace the slim model of an earlier run.
+DEMO_ARGS ?=
+demo: install
+	$(PYTHON) scripts/run_oto_demo.py --output_dir outputs/minilm-movie-reviews-oto $(DEMO_ARGS)
+
+demo-quick: install
+	$(PYTHON) scripts/run_oto_demo.py --quick --output_dir outputs/demo-quick $(DEMO_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
