@@ -1,0 +1,205 @@
+"""Pruned checkpoints in the Hugging Face Hub format.
+
+A pruned model is saved as a normal transformers folder (`config.json` with the per-layer sizes in `oto_layout`,
+`model.safetensors`, tokenizer files). Its tensors have the pruned shapes, so plain `from_pretrained` refuses it with a
+size mismatch; [`load_pruned_model`] builds the dense model from the config, reshapes it to the recorded layout with
+[`~hf_oto.pruning.apply_layout`] and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.utils import logging
+
+from .pruning import apply_layout, current_layout
+
+
+logger = logging.get_logger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "pytorch_model.bin"
+WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+
+
+def save_pruned_model(
+    model: PreTrainedModel,
+    directory: str | os.PathLike,
+    tokenizer: Any | None = None,
+    *,
+    overwrite: bool = False,
+    safe_serialization: bool = True,
+) -> Path:
+    """Saves a pruned model (and its tokenizer) as a normal Hugging Face folder.
+
+    The per-layer sizes the model computes are (re)read from its modules and written to `config.json` as
+    `oto_layout`; the weights go to `model.safetensors` (tensors of layers without heads keep their 0-size q/k/v
+    entries, so the state-dict keys are those of the dense model). Reload with [`load_pruned_model`].
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]):
+            A model pruned by [`~hf_oto.pruning.prune_zero_groups`] (or a dense one of a supported type).
+        directory (`str` or `os.PathLike`):
+            The folder to write; created if missing.
+        tokenizer (*optional*):
+            A tokenizer or processor with `save_pretrained`, saved alongside.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Write into a non-empty folder. Files of the same names are replaced, other files are left alone.
+        safe_serialization (`bool`, *optional*, defaults to `True`):
+            Write safetensors (else `pytorch_model.bin`).
+
+    Returns:
+        `Path`: the folder.
+
+    Example:
+
+    ```python
+    >>> from hf_oto.modeling import load_pruned_model, save_pruned_model
+
+    >>> save_pruned_model(slim_model, "my-pruned-bert", tokenizer)  # doctest: +SKIP
+    >>> model = load_pruned_model("my-pruned-bert", AutoModelForSequenceClassification)  # doctest: +SKIP
+    ```
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{str(directory)!r} is a file, not a folder; choose a folder path to save the pruned model.")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise ValueError(
+            f"The folder {str(directory)!r} is not empty. Choose a new or empty folder, or pass `overwrite=True` to "
+            "write into it (files of the same names are replaced, other files are kept)."
+        )
+    if not hasattr(model, "save_pretrained"):
+        raise ValueError(f"save_pruned_model needs a transformers PreTrainedModel; got {type(model).__name__}.")
+    model.config.oto_layout = current_layout(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=safe_serialization)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    logger.info(f"Saved the pruned model to {directory} (layout {model.config.oto_layout}).")
+    return directory
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    for index_name in (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [directory / shard for shard in shards]
+    for name in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME):
+        if (directory / name).is_file():
+            return [directory / name]
+    raise ValueError(
+        f"No weights in {str(directory)!r}: expected {SAFE_WEIGHTS_NAME} (or {WEIGHTS_NAME}, or a sharded index). "
+        "Is this the folder written by `save_pruned_model`?"
+    )
+
+
+def _read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+    state_dict: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict.update(load_file(str(file)))
+        else:
+            state_dict.update(torch.load(file, map_location="cpu", weights_only=True))
+    return state_dict
+
+
+def _aliases(model: nn.Module) -> dict[str, set[str]]:
+    """State-dict names of every tensor that shares its parameter or buffer with other names (tied weights)."""
+    by_tensor: dict[int, set[str]] = {}
+    for name, tensor in (
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ):
+        by_tensor.setdefault(id(tensor), set()).add(name)
+    return {name: names for names in by_tensor.values() if len(names) > 1 for name in names}
+
+
+def load_pruned_model(directory: str | os.PathLike, auto_class: type = AutoModel, **kwargs: Any) -> PreTrainedModel:
+    """Loads a checkpoint written by [`save_pruned_model`] into a slim model with the same outputs.
+
+    Builds the dense model from `config.json` (`auto_class.from_config`), reshapes it to the recorded `oto_layout`
+    with [`~hf_oto.pruning.apply_layout`], loads the weights strictly (tied weights are re-tied) and sets eval mode.
+
+    Args:
+        directory (`str` or `os.PathLike`):
+            The folder written by [`save_pruned_model`].
+        auto_class (`type`, *optional*, defaults to `AutoModel`):
+            An `AutoModel*` class (e.g. `AutoModelForQuestionAnswering`) or a concrete model class
+            (e.g. `BertForQuestionAnswering`).
+        kwargs:
+            Passed on to `from_config` (e.g. `attn_implementation="eager"`).
+
+    Returns:
+        [`~transformers.PreTrainedModel`]: the pruned model, in eval mode.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModelForSequenceClassification
+    >>> from hf_oto.modeling import load_pruned_model
+
+    >>> model = load_pruned_model("my-pruned-bert", AutoModelForSequenceClassification)  # doctest: +SKIP
+    ```
+    """
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ValueError(
+            f"No config.json in {str(directory)!r}: load_pruned_model needs a folder written by `save_pruned_model`."
+        )
+    files = _weight_files(directory)
+    config = AutoConfig.from_pretrained(directory)
+    layout = getattr(config, "oto_layout", None)
+    if layout is None:
+        raise ValueError(
+            f"The config in {str(directory)!r} has no `oto_layout`: this is a dense checkpoint, not one written by "
+            f"`save_pruned_model`. Load it with `{getattr(auto_class, '__name__', 'AutoModel')}.from_pretrained`."
+        )
+    if hasattr(auto_class, "from_config"):
+        model = auto_class.from_config(config, **kwargs)
+    elif hasattr(auto_class, "_from_config"):
+        model = auto_class._from_config(config, **kwargs)
+    else:
+        raise ValueError(f"auto_class must be an AutoModel* class or a transformers model class; got {auto_class!r}.")
+    apply_layout(model, layout)
+
+    state_dict = _read_state_dict(files)
+    expected = model.state_dict()
+    for name, tensor in state_dict.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise ValueError(
+                f"The weights in {str(directory)!r} do not match the recorded oto_layout: {name!r} has shape "
+                f"{tuple(tensor.shape)} in the checkpoint, but the layout expects {tuple(expected[name].shape)}. The "
+                "config.json and the weights come from different models; save the pruned model again with "
+                "`save_pruned_model`."
+            )
+    unexpected = sorted(set(state_dict) - set(expected))
+    if unexpected:
+        raise ValueError(
+            f"The weights in {str(directory)!r} hold tensors that {type(model).__name__} lacks, e.g. {unexpected[:3]}. "
+            "Pass the `auto_class` the model was saved with (e.g. `AutoModelForQuestionAnswering`)."
+        )
+    aliases = _aliases(model)
+    missing = [
+        name
+        for name in sorted(set(expected) - set(state_dict))
+        if not any(alias in state_dict for alias in aliases.get(name, ()))
+    ]
+    if missing:
+        raise ValueError(
+            f"The weights in {str(directory)!r} lack {len(missing)} tensors of {type(model).__name__}, e.g. "
+            f"{missing[:3]}. Pass the `auto_class` the model was saved with."
+        )
+    model.load_state_dict(state_dict, strict=False)
+    model.tie_weights()
+    model.eval()
+    return model
