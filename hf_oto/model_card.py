@@ -1,0 +1,221 @@
+"""Model cards of pruned checkpoints: Hub metadata, size before → after, the per-layer layout as a table and a plot.
+
+The card is rendered by `huggingface_hub.ModelCard.from_template` from `hf_oto/templates/model_card.md` (also at
+`model_cards/template.md`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+from transformers.utils import logging
+
+from .pruning import PruningReport
+
+
+logger = logging.get_logger(__name__)
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
+PLOT_FILE = "oto_layout.png"
+DEFAULT_TAGS = ("hf_oto", "oto", "pruning", "structured-pruning", "only-train-once")
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ratio(after: int, before: int) -> str:
+    return f"{after / before:.1%}" if before else "-"
+
+
+def layout_table(report: PruningReport) -> str:
+    """Markdown table of the kept heads (and KV heads) and FFN rows of every layer."""
+    gqa = report.num_key_value_heads_before is not None
+    header = ["layer", "heads kept"] + (["KV heads kept"] if gqa else []) + ["FFN rows kept"]
+    rows = []
+    for layer, (h0, h1, f0, f1) in enumerate(
+        zip(
+            report.num_attention_heads_before,
+            report.num_attention_heads_after,
+            report.intermediate_size_before,
+            report.intermediate_size_after,
+        )
+    ):
+        row = [layer, f"{h1} / {h0}"]
+        if gqa:
+            row.append(f"{report.num_key_value_heads_after[layer]} / {report.num_key_value_heads_before[layer]}")
+        rows.append(row + [f"{f1} / {f0}"])
+    return _markdown_table(header, rows)
+
+
+def plot_layout(report: PruningReport, path: str | os.PathLike) -> Path:
+    """Draws the kept share of heads and FFN rows per layer as a bar chart (PNG) and returns its path.
+
+    Example:
+
+    ```python
+    >>> plot_layout(report, "slim-model/oto_layout.png")
+    PosixPath('slim-model/oto_layout.png')
+    ```
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(range(len(report.num_attention_heads_before)))
+    heads = [a / b if b else 0 for a, b in zip(report.num_attention_heads_after, report.num_attention_heads_before)]
+    ffn = [a / b if b else 0 for a, b in zip(report.intermediate_size_after, report.intermediate_size_before)]
+    width = 0.4
+    figure, axis = plt.subplots(figsize=(max(5, 0.6 * len(layers) + 2), 3.2), dpi=120)
+    bars_heads = axis.bar([x - width / 2 for x in layers], heads, width, label="attention heads", color="#4C72B0")
+    bars_ffn = axis.bar([x + width / 2 for x in layers], ffn, width, label="FFN rows", color="#DD8452")
+    for bars, after in ((bars_heads, report.num_attention_heads_after), (bars_ffn, report.intermediate_size_after)):
+        for bar, kept in zip(bars, after):
+            axis.annotate(
+                str(kept), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7
+            )
+    axis.set_xticks(layers)
+    axis.set_xlabel("layer")
+    axis.set_ylabel("kept share")
+    axis.set_ylim(0, 1.15)
+    axis.set_title(
+        f"Kept per layer\nparams {report.params_ratio:.0%}, FLOPs {report.flops_ratio:.0%} of the dense model",
+        fontsize=9,
+    )
+    axis.legend(loc="upper right", fontsize=8, ncols=2)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def create_model_card(
+    report: PruningReport,
+    *,
+    model_name: str = "OTO-pruned model",
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    datasets: Sequence[str] | None = None,
+    license: str | None = None,
+    language: str | Sequence[str] | None = None,
+    pipeline_tag: str | None = None,
+    auto_class: str = "AutoModel",
+    hyperparameters: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    speedup: Mapping[str, Any] | None = None,
+    has_onnx: bool = False,
+    tags: Sequence[str] = (),
+) -> ModelCard:
+    """Renders the model card of a pruned model.
+
+    Args:
+        report ([`PruningReport`]): What pruning removed (sizes before/after and per-layer layout).
+        model_name (`str`): Title of the card.
+        repo_id (`str`, *optional*): Hub repository or local folder shown in the loading snippet.
+        base_model (`str`, *optional*): The model OTO started from (Hub id), for the metadata.
+        datasets (`Sequence[str]`, *optional*): Training datasets (Hub ids or names).
+        license (`str`, *optional*): License identifier, e.g. `"apache-2.0"`.
+        language, pipeline_tag: Hub metadata.
+        auto_class (`str`): The transformers class to pass to `load_pruned_model`, e.g.
+            `"AutoModelForSequenceClassification"`.
+        hyperparameters (`Mapping[str, Any]`, *optional*): OTO hyper-parameters (λ, ε, stages, ...).
+        metrics (`Mapping[str, float]`, *optional*): Evaluation results, e.g. `{"accuracy": 0.91}`.
+        speedup (`Mapping[str, Any]`, *optional*): A measured ONNX Runtime speedup: `to_dict()` of a benchmark.
+        has_onnx (`bool`): Whether the folder has an `onnx/` export.
+        tags (`Sequence[str]`): Extra Hub tags; `pruning`, `oto`, ... are always added.
+
+    Example:
+
+    ```python
+    >>> card = create_model_card(report, base_model="bert-base-uncased", datasets=["squad"], license="apache-2.0")
+    >>> card.data.tags[:2]
+    ['hf_oto', 'oto']
+    ```
+    """
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=list(datasets) if datasets else None,
+        license=license,
+        language=language,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
+        model_name=model_name,
+    )
+    heads_before, heads_after = sum(report.num_attention_heads_before), sum(report.num_attention_heads_after)
+    ffn_before, ffn_after = sum(report.intermediate_size_before), sum(report.intermediate_size_after)
+    metrics_table = (
+        _markdown_table(["metric", "value"], [(name, f"{value:.4g}") for name, value in metrics.items()])
+        if metrics
+        else ""
+    )
+    speedup_table = ""
+    if speedup:
+        speedup_table = _markdown_table(
+            ["setting", "value"],
+            [(key, value) for key, value in speedup.items() if not isinstance(value, (dict, list))],
+        )
+    hyperparameters_table = (
+        _markdown_table(["name", "value"], [(key, value) for key, value in (hyperparameters or {}).items()])
+        if hyperparameters
+        else "(not recorded)"
+    )
+    task = auto_class.replace("AutoModelFor", "")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=model_name,
+        repo_id=repo_id or "path/to/this/folder",
+        base_model_text=f"`{base_model}`" if base_model else "the base model",
+        auto_class=auto_class,
+        ort_class=f"ORTModelFor{task}" if task != "AutoModel" else "ORTModelForFeatureExtraction",
+        has_onnx=has_onnx,
+        params_before=f"{report.params_before:,}",
+        params_after=f"{report.params_after:,}",
+        params_ratio=_ratio(report.params_after, report.params_before),
+        flops_before=f"{report.flops_before:,}",
+        flops_after=f"{report.flops_after:,}",
+        flops_ratio=_ratio(report.flops_after, report.flops_before),
+        seq_length=report.seq_length,
+        heads_before=heads_before,
+        heads_after=heads_after,
+        heads_ratio=_ratio(heads_after, heads_before),
+        ffn_before=ffn_before,
+        ffn_after=ffn_after,
+        ffn_ratio=_ratio(ffn_after, ffn_before),
+        layout_table=layout_table(report),
+        plot_file=PLOT_FILE,
+        metrics_table=metrics_table,
+        speedup_table=speedup_table,
+        hyperparameters_table=hyperparameters_table,
+    )
+
+
+def write_model_card(directory: str | os.PathLike, report: PruningReport, **card_kwargs: Any) -> Path:
+    """Writes `README.md` (the card) and `oto_layout.png` (the per-layer plot) into `directory`.
+
+    Keyword arguments go to [`create_model_card`]. Returns the path of the card.
+
+    Example:
+
+    ```python
+    >>> write_model_card("slim-model", report, base_model="bert-base-uncased", metrics={"f1": 88.1})
+    PosixPath('slim-model/README.md')
+    ```
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plot_layout(report, directory / PLOT_FILE)
+    card = create_model_card(report, **card_kwargs)
+    path = directory / "README.md"
+    card.save(path)
+    return path
