@@ -1,0 +1,406 @@
+"""`OTOTrainer`: a `transformers.Trainer` that trains once with HSPG over zero-invariant groups, then prunes."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import logging
+
+from .callbacks import oto_sparsity_logs, unwrap_optimizer
+from .training_args import OTOTrainingArguments
+from .zig import ZIGSet, build_zigs
+
+
+logger = logging.get_logger(__name__)
+
+OTO_PAPER_URL = "https://arxiv.org/abs/2107.07467"
+_DEFAULT_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+
+
+class OTOTrainer(Trainer):
+    r"""
+    A [`~transformers.Trainer`] that trains a model once with the HSPG optimizer over its zero-invariant groups
+    (attention heads and FFN rows), logs the group sparsity, and slices the zero groups away into a slim model with the
+    same outputs.
+
+    Everything else is the usual `Trainer`: learning-rate schedule and warm-up, gradient accumulation, max grad norm,
+    evaluation, checkpoints and `resume_from_checkpoint` (the HSPG state is saved in `optimizer.pt` and restored).
+    HSPG replaces the optimizer `args.optim` would choose; it takes the Trainer's weight-decay/no-weight-decay parameter
+    groups, `learning_rate`, `weight_decay`, `adam_beta1`, `adam_beta2` and `adam_epsilon`, and the `oto_*`
+    arguments of [`OTOTrainingArguments`].
+
+    Every log gets `oto/group_sparsity`, `oto/group_sparsity_heads`, `oto/group_sparsity_ffn`, `oto/zero_groups` and
+    `oto/stage` (`0` = initialization, `1` = half-space), so they show in the progress output, in
+    `trainer.state.log_history` and in TensorBoard, W&B, etc.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`], *optional*):
+            A model of a `model_type` that hf_oto supports (see `hf_oto.TRANSFORMER_LAYOUTS`); others raise a
+            `ValueError` here, before any training. Either `model` or `model_init` is required.
+        args ([`OTOTrainingArguments`], *optional*):
+            The arguments; defaults to `OTOTrainingArguments(output_dir="trainer_output")`.
+        *trainer_args, **trainer_kwargs:
+            Everything else [`~transformers.Trainer`] takes (`train_dataset`, `eval_dataset`, `data_collator`,
+            `processing_class`, `compute_metrics`, `callbacks`, ...).
+
+    Attributes:
+        zigs ([`ZIGSet`]): The zero-invariant groups trained for sparsity; `None` once the model is pruned.
+        oto_init_steps (`int`): Initialization-stage steps of the current run, resolved when training starts.
+        pruning_report: The report of [`OTOTrainer.prune`], `None` before.
+
+    Example:
+
+    ```python
+    >>> from datasets import Dataset
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from hf_oto import OTOTrainer, OTOTrainingArguments, load_pruned_model
+
+    >>> config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                     intermediate_size=37, num_labels=2)
+    >>> model = BertForSequenceClassification(config)
+    >>> data = Dataset.from_dict({"input_ids": [[5, 6, 7, 8]] * 32, "labels": [0, 1] * 16})
+    >>> args = OTOTrainingArguments("oto-out", max_steps=20, learning_rate=1e-2, oto_lambda=1.0, oto_init_steps=5)
+    >>> trainer = OTOTrainer(model, args, train_dataset=data, eval_dataset=data)
+    >>> trainer.train()
+    >>> trainer.state.log_history[-2]["oto/group_sparsity"] > 0
+    True
+    >>> slim = trainer.prune()  # checks that outputs equal the group-sparse model's on an eval batch
+    >>> trainer.save_pruned_model("oto-out/pruned")
+    >>> reloaded = load_pruned_model("oto-out/pruned", auto_class=BertForSequenceClassification)
+    ```
+    """
+
+    _tag_names = ["hf_oto", "only-train-once", "structured-pruning"]
+
+    def __init__(
+        self,
+        model: Union[PreTrainedModel, nn.Module, None] = None,
+        args: Optional[OTOTrainingArguments] = None,
+        *trainer_args: Any,
+        **trainer_kwargs: Any,
+    ):
+        if args is None:
+            args = OTOTrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, OTOTrainingArguments):
+            raise TypeError(
+                f"OTOTrainer needs OTOTrainingArguments (with the oto_* knobs); got {type(args).__name__}. Build it "
+                "with `OTOTrainingArguments(...)` or parse it with `HfArgumentParser(OTOTrainingArguments)`."
+            )
+        # Fail on unsupported models before the Trainer sets anything up. The ZIGSet reads the parameters by name, so
+        # it stays valid when the Trainer moves the model to its device.
+        zigs = build_zigs(model, families=args.oto_families, exclude=args.oto_exclude) if model is not None else None
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if zigs is None or zigs.model is not self.model:
+            zigs = build_zigs(self.model, families=args.oto_families, exclude=args.oto_exclude)
+        self.zigs: Optional[ZIGSet] = zigs
+        self.oto_init_steps: Optional[int] = None
+        self.pruning_report = None
+        self._oto_num_training_steps: Optional[int] = None
+        if self.optimizer is not None and not hasattr(unwrap_optimizer(self.optimizer), "stage"):
+            logger.warning(
+                f"OTOTrainer was given a {type(self.optimizer).__name__} optimizer instead of HSPG: it will not "
+                "produce zero groups. Leave `optimizers` unset to train with HSPG."
+            )
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if optim not in _DEFAULT_OPTIMS:
+            logger.warning(f"OTOTrainer trains with HSPG; `optim={optim}` is ignored (see `oto_variant`).")
+        self._check_output_dir(self.args.output_dir)
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+        logger.info(f"OTOTrainer: {self.zigs!r}")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def is_pruned(self) -> bool:
+        """Whether [`OTOTrainer.prune`] has sliced the model."""
+        return self.pruning_report is not None
+
+    def _check_output_dir(self, directory: Optional[str]) -> None:
+        """Refuses an output folder that holds a config of a different model, unless `overwrite_output_dir`."""
+        if not directory or self.args.overwrite_output_dir:
+            return
+        config_path = os.path.join(directory, "config.json")
+        if not os.path.isfile(config_path):
+            return
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+        except (OSError, ValueError):
+            return
+        config = getattr(self.model, "config", None)
+        ours = {"model_type": getattr(config, "model_type", None), "architectures": [type(self.model).__name__]}
+        theirs = {"model_type": saved.get("model_type"), "architectures": saved.get("architectures")}
+        if theirs["model_type"] != ours["model_type"] or (
+            theirs["architectures"] is not None and theirs["architectures"] != ours["architectures"]
+        ):
+            raise ValueError(
+                f"The output folder {directory!r} holds a different model ({theirs}); this run trains {ours}. Choose "
+                "another `output_dir`, or pass `overwrite_output_dir=True` to write over it."
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Optimizer
+    # ------------------------------------------------------------------------------------------------------------
+    def create_optimizer_and_scheduler(self, num_training_steps: int):
+        # The total number of optimizer steps is known here (and not in `create_optimizer`); keep it to resolve
+        # `oto_init_fraction`.
+        self._oto_num_training_steps = num_training_steps
+        super().create_optimizer_and_scheduler(num_training_steps)
+
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        """Creates the HSPG optimizer over the Trainer's weight-decay/no-weight-decay parameter groups.
+
+        The initialization stage lasts `args.oto_init_steps` optimizer steps, or `args.oto_init_fraction` of the total
+        steps of the run (see [`OTOTrainingArguments.resolve_oto_init_steps`]).
+        """
+        if self.optimizer is not None:
+            return self.optimizer
+        if self.is_pruned:
+            raise RuntimeError(
+                "The model was already pruned by `OTOTrainer.prune()`; OTO trains once. Train the slim model with a "
+                "plain `Trainer` if you want to fine-tune it."
+            )
+        from .optim import HSPG
+
+        if self.zigs is None or self.zigs.model is not self.model:
+            # `model_init` (hyper-parameter search) made a new model: rebuild its groups.
+            self.zigs = build_zigs(self.model, families=self.args.oto_families, exclude=self.args.oto_exclude)
+        max_steps = self._oto_num_training_steps if self._oto_num_training_steps is not None else self.args.max_steps
+        self.oto_init_steps = self.args.resolve_oto_init_steps(max(int(max_steps), 0))
+
+        decay_parameters = set(self.get_decay_parameter_names(self.model))
+        named = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if n in decay_parameters], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay_parameters], "weight_decay": 0.0},
+        ]
+        groups = [group for group in groups if group["params"]]
+        self.optimizer = HSPG(
+            groups,
+            self.zigs,
+            lr=self.args.learning_rate,
+            lmbda=self.args.oto_lambda,
+            epsilon=self.args.oto_epsilon,
+            init_steps=self.oto_init_steps,
+            variant=self.args.oto_variant,
+            momentum=self.args.oto_momentum,
+            betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
+            weight_decay=self.args.weight_decay,
+            max_group_sparsity=self.args.oto_max_group_sparsity,
+        )
+        logger.info(
+            f"HSPG ({self.args.oto_variant}, lambda={self.args.oto_lambda}, epsilon={self.args.oto_epsilon}) over "
+            f"{len(self.zigs)} groups; initialization stage for {self.oto_init_steps} of {max_steps} steps."
+        )
+        return self.optimizer
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Logging
+    # ------------------------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """Adds the `oto/*` sparsity metrics to `logs`, then logs as the `Trainer` does."""
+        if self.zigs is not None and not self.is_pruned:
+            logs = {**logs, **oto_sparsity_logs(self.zigs, self.optimizer)}
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Pruning and saving
+    # ------------------------------------------------------------------------------------------------------------
+    def _pruning_check_batch(self) -> dict[str, Any]:
+        if self.eval_dataset is not None:
+            dataloader = self.get_eval_dataloader()
+        elif self.train_dataset is not None:
+            dataloader = self.get_train_dataloader()
+        else:
+            raise ValueError(
+                "OTOTrainer.prune() checks the slim model's outputs on a batch of the eval (or train) dataset, and "
+                "the trainer has neither: pass `inputs=` (a dict of model inputs)."
+            )
+        return next(iter(dataloader))
+
+    def prune(
+        self, inputs: Optional[Mapping[str, Any]] = None, *, seq_length: int = 128, atol: Optional[float] = None
+    ) -> nn.Module:
+        """Slices the zero groups out of the trained model and checks that its outputs are unchanged.
+
+        The check runs the group-sparse model and the slim model (both in eval mode) on `inputs`, by default the
+        first batch of the eval dataloader (or of the train dataloader without an eval dataset), and raises if any
+        floating-point output differs by more than `atol`. After pruning, `trainer.model` is the slim model,
+        `trainer.pruning_report` holds the report and the trainer no longer trains (OTO trains once).
+
+        Args:
+            inputs (`Mapping[str, Any]`, *optional*):
+                Model inputs to check the outputs on.
+            seq_length (`int`, *optional*, defaults to 128):
+                Sequence length at which the report counts FLOPs.
+            atol (`float`, *optional*):
+                Largest allowed absolute difference of the outputs; `1e-4` for float32 models, `1e-2` otherwise.
+
+        Returns:
+            `nn.Module`: the slim model.
+
+        Example:
+
+        ```python
+        >>> trainer.train()
+        >>> slim = trainer.prune()
+        >>> trainer.pruning_report.to_dict()["params_after"] < trainer.pruning_report.to_dict()["params_before"]
+        True
+        ```
+        """
+        if self.is_pruned:
+            logger.warning("The model is already pruned; returning it.")
+            return self.model
+        from .pruning import prune_zero_groups
+
+        model = self.model
+        if atol is None:
+            dtype = next(model.parameters()).dtype
+            atol = 1e-4 if dtype == torch.float32 else 1e-2
+        batch = self._prepare_inputs(dict(inputs if inputs is not None else self._pruning_check_batch()))
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            reference = model(**batch)
+        zero_groups = self.zigs.num_zero_groups()
+        slim, report = prune_zero_groups(model, self.zigs, seq_length=seq_length, inplace=True)
+        slim.eval()
+        with torch.no_grad():
+            outputs = slim(**batch)
+        difference = _max_abs_difference(reference, outputs)
+        if difference > atol:
+            raise RuntimeError(
+                f"The pruned model's outputs differ from the group-sparse model's by up to {difference:.3g} "
+                f"(allowed: {atol:g}) on a batch of {len(next(iter(batch.values())))} examples. The groups were not "
+                "zero-invariant: please report this with the model type and the OTO arguments."
+            )
+        if was_training:
+            slim.train()
+        self.model = slim
+        self.model_wrapped = slim
+        self.pruning_report = report
+        self.zigs = None
+        # The optimizer and scheduler hold the dense parameters; OTO does not train after pruning.
+        self.optimizer = None
+        self.lr_scheduler = None
+        logger.info(f"Pruned {zero_groups} zero groups; max abs output difference {difference:.3g} <= {atol:g}.")
+        return slim
+
+    def save_pruned_model(self, output_dir: Optional[str] = None, *, overwrite: bool = False) -> str:
+        """Writes the pruned model in the Hub format (config with the kept heads and FFN sizes, safetensors weights,
+        the processing class and a README.md model card) with `hf_oto.modeling.save_pruned_model`.
+
+        Args:
+            output_dir (`str`, *optional*):
+                The folder; defaults to `args.output_dir`.
+            overwrite (`bool`, *optional*, defaults to `False`):
+                Whether to write over a folder that already holds a different model.
+
+        Returns:
+            `str`: the folder.
+
+        Example:
+
+        ```python
+        >>> trainer.prune()
+        >>> trainer.save_pruned_model("slim-bert")
+        >>> model = load_pruned_model("slim-bert", auto_class=BertForSequenceClassification)
+        ```
+        """
+        if not self.is_pruned:
+            raise ValueError("No pruned model to save: call `trainer.prune()` after training first.")
+        from .modeling import save_pruned_model
+
+        directory = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return directory
+        save_pruned_model(self.model, directory, tokenizer=self.processing_class, overwrite=overwrite)
+        self.write_oto_model_card(directory)
+        return directory
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        """Saves the dense model as the `Trainer` does, or the slim model with [`OTOTrainer.save_pruned_model`] once
+        the model is pruned (so `push_to_hub` uploads the slim model)."""
+        if not self.is_pruned:
+            return super().save_model(output_dir, _internal_call)
+        directory = output_dir if output_dir is not None else self.args.output_dir
+        self.save_pruned_model(directory, overwrite=True)
+        if self.args.should_save:
+            torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The `Trainer`'s model card before pruning; the OTO card ([`OTOTrainer.write_oto_model_card`]) after."""
+        if not self.is_pruned:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            self.write_oto_model_card(self.args.output_dir, model_name=kwargs.get("model_name"))
+
+    def write_oto_model_card(self, directory: str, model_name: Optional[str] = None) -> str:
+        """Writes a minimal README.md model card of the pruned model: the OTO hyper-parameters and the pruning report.
+
+        This is the hook for the project's model-card template: override or replace it to write a richer card.
+
+        Returns:
+            `str`: the path of the card.
+        """
+        name = model_name or os.path.basename(os.path.abspath(directory))
+        report = self.pruning_report.to_dict() if hasattr(self.pruning_report, "to_dict") else {}
+        tags = "\n".join(f"- {tag}" for tag in self._tag_names)
+        rows = "\n".join(
+            f"| `{key}` | `{json.dumps(value)}` |" for key, value in self.args.oto_hyperparameters().items()
+        )
+        card = (
+            f"---\nlibrary_name: transformers\ntags:\n{tags}\n---\n\n"
+            f"# {name}\n\n"
+            f"A structurally pruned `{type(self.model).__name__}`, trained once with the HSPG optimizer of "
+            f"[Only Train Once]({OTO_PAPER_URL}) and sliced with `hf_oto` without fine-tuning: "
+            "its outputs equal those of the group-sparse trained model. Load it with "
+            "`hf_oto.load_pruned_model(folder)`.\n\n"
+            "## OTO hyper-parameters\n\n| argument | value |\n|---|---|\n"
+            f"{rows}\n| `learning_rate` | `{self.args.learning_rate}` |\n"
+            f"| `max_steps` | `{self._oto_num_training_steps}` |\n| `init_steps` (resolved) | `{self.oto_init_steps}` |\n\n"
+            "## Pruning report\n\n```json\n"
+            f"{json.dumps(report, indent=2, sort_keys=True, default=str)}\n```\n"
+        )
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "README.md")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(card)
+        return path
+
+
+def _floating_tensors(outputs: Any) -> list[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs] if outputs.is_floating_point() else []
+    if isinstance(outputs, Mapping):
+        values = outputs.values()
+    elif isinstance(outputs, (tuple, list)):
+        values = outputs
+    else:
+        return []
+    return [tensor for value in values for tensor in _floating_tensors(value)]
+
+
+def _max_abs_difference(reference: Any, outputs: Any) -> float:
+    """Largest absolute difference between the floating-point tensors of two model outputs (of the same structure)."""
+    expected, actual = _floating_tensors(reference), _floating_tensors(outputs)
+    if len(expected) != len(actual) or not expected:
+        raise RuntimeError(
+            f"The pruned model returns {len(actual)} floating-point outputs, the group-sparse model {len(expected)}."
+        )
+    difference = 0.0
+    for left, right in zip(expected, actual):
+        if left.shape != right.shape:
+            raise RuntimeError(f"Output shapes differ after pruning: {tuple(left.shape)} vs {tuple(right.shape)}.")
+        difference = max(difference, float((left.float() - right.float()).abs().max()))
+    return difference

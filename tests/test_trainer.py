@@ -1,0 +1,324 @@
+"""Tests of OTOTrainingArguments, OTOTrainer and the sparsity logging, on tiny models (CPU, a few steps each)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from unittest import mock
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, Trainer, TrainingArguments
+
+from hf_oto.callbacks import STAGE_IDS, OTOSparsityCallback, oto_sparsity_logs
+from hf_oto.trainer import OTOTrainer
+from hf_oto.training_args import OTOTrainingArguments
+from hf_oto.zig import build_zigs
+
+from .tiny_models import tiny_inputs, tiny_model
+
+
+OTO_KEYS = ("oto/group_sparsity", "oto/group_sparsity_heads", "oto/group_sparsity_ffn", "oto/zero_groups", "oto/stage")
+QUIET = dict(report_to="none", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, save_strategy="no")
+
+
+def random_dataset(num_examples: int = 32, seq_length: int = 8, num_labels: int = 3, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 99, (num_examples, seq_length), generator=generator)
+    labels = torch.randint(0, num_labels, (num_examples,), generator=generator)
+    return [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": label}
+        for ids, label in zip(input_ids, labels)
+    ]
+
+
+def oto_args(output_dir, **overrides) -> OTOTrainingArguments:
+    kwargs = dict(
+        QUIET,
+        output_dir=str(output_dir),
+        max_steps=20,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        logging_steps=1,
+        seed=0,
+        oto_lambda=1.0,
+        oto_init_steps=6,
+    )
+    kwargs.update(overrides)
+    return OTOTrainingArguments(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OTOTrainingArguments
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"oto_lambda": 0.0}, "oto_lambda must be a finite number > 0; got 0.0"),
+        ({"oto_lambda": -1.0}, "got -1.0"),
+        ({"oto_epsilon": 1.0}, r"oto_epsilon must be in \[0, 1\); got 1.0"),
+        ({"oto_epsilon": -0.1}, "got -0.1"),
+        ({"oto_init_steps": -1}, "oto_init_steps must be an integer >= 0"),
+        ({"oto_init_fraction": 1.5}, r"oto_init_fraction must be in \[0, 1\]"),
+        ({"oto_variant": "adam"}, r"oto_variant must be one of \['adamw', 'sgd'\]; got 'adam'"),
+        ({"oto_momentum": 1.0}, r"oto_momentum must be in \[0, 1\)"),
+        ({"oto_max_group_sparsity": 0.0}, r"oto_max_group_sparsity must be in \(0, 1\]"),
+        ({"oto_max_group_sparsity": 1.2}, "got 1.2"),
+        ({"oto_families": ["heads", "channels"]}, r"drawn from \['heads', 'ffn'\]; got \['heads', 'channels'\]"),
+        ({"oto_families": []}, "non-empty"),
+        ({"oto_exclude": [""]}, "non-empty fnmatch patterns"),
+    ],
+)
+def test_arguments_reject_bad_values(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        OTOTrainingArguments(output_dir=str(tmp_path), report_to="none", **overrides)
+
+
+def test_init_steps_win_over_fraction(tmp_path):
+    base = dict(output_dir=str(tmp_path), report_to="none")
+    assert OTOTrainingArguments(**base).resolve_oto_init_steps(100) == 50
+    assert OTOTrainingArguments(**base, oto_init_fraction=0.25).resolve_oto_init_steps(10) == 2
+    assert OTOTrainingArguments(**base, oto_init_steps=7, oto_init_fraction=0.9).resolve_oto_init_steps(100) == 7
+    assert OTOTrainingArguments(**base, oto_init_steps=0).resolve_oto_init_steps(100) == 0
+
+
+def test_arguments_parse_from_command_line_and_json_round_trip(tmp_path):
+    parser = HfArgumentParser(OTOTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir", str(tmp_path), "--report_to", "none",
+            "--oto_lambda", "0.05", "--oto_epsilon", "0.1", "--oto_init_fraction", "0.3",
+            "--oto_variant", "sgd", "--oto_momentum", "0.5", "--oto_max_group_sparsity", "0.8",
+            "--oto_families", "heads", "--oto_exclude", "*.layer.0.*", "*.layer.2.*",
+        ]
+    )  # fmt: skip
+    assert args.oto_lambda == 0.05 and args.oto_epsilon == 0.1 and args.oto_init_fraction == 0.3
+    assert args.oto_init_steps is None and args.oto_variant == "sgd" and args.oto_momentum == 0.5
+    assert args.oto_max_group_sparsity == 0.8
+    assert args.oto_families == ["heads"] and args.oto_exclude == ["*.layer.0.*", "*.layer.2.*"]
+
+    with pytest.raises(SystemExit):  # argparse choices
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--oto_variant", "adam"])
+
+    # to_json_string masks the *_token fields; everything else must come back unchanged.
+    saved = json.loads(args.to_json_string())
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({k: v for k, v in saved.items() if not k.endswith("_token")}))
+    (from_file,) = parser.parse_json_file(str(path))
+    assert from_file.to_dict() == args.to_dict()
+    assert from_file.oto_hyperparameters() == args.oto_hyperparameters()
+
+    defaults = OTOTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    saved = json.loads(defaults.to_json_string())
+    (from_dict,) = parser.parse_dict({k: v for k, v in saved.items() if not k.endswith("_token")})
+    assert from_dict.oto_families == ["heads", "ffn"] and from_dict.oto_exclude == []
+    assert from_dict.oto_init_steps is None and from_dict.oto_max_group_sparsity is None
+
+
+def test_bad_lambda_fails_before_trainer(tmp_path):
+    with pytest.raises(ValueError, match="oto_lambda"):
+        OTOTrainer(tiny_model("bert"), oto_args(tmp_path, oto_lambda=float("nan")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Construction errors
+# ----------------------------------------------------------------------------------------------------------------
+def test_unsupported_model_fails_at_construction(tmp_path):
+    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    with pytest.raises(ValueError, match="model_type='gpt2'.*Supported model types"):
+        OTOTrainer(GPT2LMHeadModel(config), oto_args(tmp_path), train_dataset=random_dataset(4))
+
+
+def test_plain_training_arguments_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="OTOTrainingArguments"):
+        OTOTrainer(tiny_model("bert"), TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+
+
+def test_bad_exclude_pattern_fails_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="matches no group family"):
+        OTOTrainer(tiny_model("bert"), oto_args(tmp_path, oto_exclude=["*.decoder.*"]))
+
+
+def test_output_dir_holding_another_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="holds a different model"):
+        OTOTrainer(tiny_model("bert"), oto_args(tmp_path))
+    OTOTrainer(tiny_model("bert"), oto_args(tmp_path, overwrite_output_dir=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training with HSPG
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 20-step OTO run of a tiny BERT classifier, shared by the tests that only read its results."""
+    output_dir = tmp_path_factory.mktemp("oto_run")
+    data = random_dataset(32)
+    trainer = OTOTrainer(
+        tiny_model("bert"),
+        oto_args(output_dir, gradient_accumulation_steps=2, max_grad_norm=1.0, weight_decay=0.01),
+        train_dataset=data,
+        eval_dataset=data[:8],
+    )
+    trainer.train()
+    return trainer
+
+
+def test_hspg_gets_the_trainer_settings(trained):
+    from hf_oto.optim import HSPG
+
+    optimizer = trained.optimizer.optimizer if hasattr(trained.optimizer, "optimizer") else trained.optimizer
+    assert isinstance(optimizer, HSPG)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    decay_names = set(trained.get_decay_parameter_names(trained.model))
+    named = dict(trained.model.named_parameters())
+    assert {id(named[n]) for n in decay_names} == {id(p) for p in decay["params"]}
+    assert trained.oto_init_steps == 6
+    # Warm-up then linear decay to zero: the scheduler drove HSPG's learning rate.
+    assert trained.state.log_history[0]["learning_rate"] < 1e-2
+    assert decay["lr"] == pytest.approx(0.0)
+
+
+def test_sparsity_is_logged_at_every_logging_step(trained):
+    train_logs = [entry for entry in trained.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in train_logs] == list(range(1, 21))
+    for entry in train_logs:
+        for key in OTO_KEYS:
+            assert isinstance(entry[key], (int, float)), (key, entry)
+        assert 0.0 <= entry["oto/group_sparsity"] <= 1.0
+    stages = {entry["step"]: entry["oto/stage"] for entry in train_logs}
+    assert all(stage == STAGE_IDS["initialization"] for step, stage in stages.items() if step < 6)
+    assert all(stage == STAGE_IDS["half_space"] for step, stage in stages.items() if step > 6)
+    last = train_logs[-1]
+    assert last["oto/zero_groups"] > 0
+    assert last["oto/zero_groups"] == trained.zigs.num_zero_groups()
+    assert last["oto/group_sparsity"] == pytest.approx(trained.zigs.group_sparsity())
+    by_kind = trained.zigs.sparsity_by_kind()
+    assert last["oto/group_sparsity_heads"] == pytest.approx(by_kind["heads"])
+    assert last["oto/group_sparsity_ffn"] == pytest.approx(by_kind["ffn"])
+    # No zero group before the half-space stage: the initialization stage only shrinks groups.
+    assert all(entry["oto/zero_groups"] == 0 for entry in train_logs if entry["step"] < 6)
+
+
+def test_sparsity_logs_without_optimizer_have_no_stage():
+    logs = oto_sparsity_logs(build_zigs(tiny_model("bert"), families=("heads",)))
+    assert logs == {"oto/group_sparsity": 0.0, "oto/group_sparsity_heads": 0.0, "oto/zero_groups": 0}
+
+
+def test_callback_adds_metrics_to_a_plain_trainer(tmp_path):
+    from hf_oto.optim import HSPG
+
+    model = tiny_model("bert")
+    zigs = build_zigs(model)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, logging_steps=1, **QUIET)
+    trainer = Trainer(
+        model, args, train_dataset=random_dataset(12), optimizers=(HSPG(model.parameters(), zigs, lr=1e-2), None)
+    )
+    OTOSparsityCallback.install(trainer, zigs)
+    trainer.train()
+    train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(train_logs) == 3 and all(set(OTO_KEYS) <= set(entry) for entry in train_logs)
+
+
+def test_resume_from_checkpoint_gives_identical_weights(tmp_path):
+    data = random_dataset(24)
+    # Checkpoint at step 4, inside the initialization stage (6 of 12 steps from the fraction), so the resumed run
+    # must restore both the step count and the moments of HSPG to switch stage at the same step.
+    overrides = dict(max_steps=12, save_strategy="steps", save_steps=4, oto_init_steps=None, oto_init_fraction=0.5)
+    full = OTOTrainer(tiny_model("bert"), oto_args(tmp_path / "full", **overrides), train_dataset=data)
+    full.train()
+    assert full.oto_init_steps == 6
+    assert full.zigs.num_zero_groups() > 0
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    assert (checkpoint / "optimizer.pt").is_file()
+
+    resumed = OTOTrainer(tiny_model("bert", seed=1), oto_args(tmp_path / "resumed", **overrides), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 12
+    expected, actual = full.model.state_dict(), resumed.model.state_dict()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=0, msg=name)
+    assert resumed.zigs.num_zero_groups() == full.zigs.num_zero_groups()
+    full_logs = {e["step"]: e for e in full.state.log_history if "loss" in e}
+    resumed_logs = {e["step"]: e for e in resumed.state.log_history if "loss" in e}
+    for step in range(5, 13):
+        assert resumed_logs[step]["oto/stage"] == full_logs[step]["oto/stage"]
+        assert resumed_logs[step]["oto/zero_groups"] == full_logs[step]["oto/zero_groups"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pruning, saving and pushing
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pruned(trained):
+    pytest.importorskip("hf_oto.pruning")
+    pytest.importorskip("hf_oto.modeling")
+    sparse = copy.deepcopy(trained.model).eval()
+    params_before = sum(p.numel() for p in trained.model.parameters())
+    slim = trained.prune()
+    return trained, sparse, slim, params_before
+
+
+def test_prune_gives_the_same_outputs(pruned):
+    trainer, sparse, slim, params_before = pruned
+    assert trainer.is_pruned and trainer.pruning_report is not None and trainer.zigs is None
+    assert trainer.model is slim
+    assert sum(p.numel() for p in slim.parameters()) < params_before
+    inputs = tiny_inputs(sparse, batch_size=3, seq_length=8)
+    with torch.no_grad():
+        torch.testing.assert_close(slim.eval()(**inputs).logits, sparse(**inputs).logits, rtol=0, atol=1e-4)
+    assert trainer.prune() is slim  # a second call is a no-op
+    with pytest.raises(RuntimeError, match="already pruned"):
+        trainer.create_optimizer()
+
+
+def test_save_pruned_model_reloads_identically(pruned, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_oto.modeling import load_pruned_model
+
+    trainer, sparse, slim, _ = pruned
+    directory = trainer.save_pruned_model(str(tmp_path / "slim"))
+    card = (tmp_path / "slim" / "README.md").read_text()
+    assert "oto_lambda" in card and "Pruning report" in card
+    reloaded = load_pruned_model(directory, auto_class=AutoModelForSequenceClassification).eval()
+    inputs = tiny_inputs(sparse, batch_size=3, seq_length=8)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, slim.eval()(**inputs).logits, rtol=0, atol=0)
+
+
+def test_save_pruned_model_before_pruning_is_an_error(tmp_path):
+    trainer = OTOTrainer(tiny_model("bert"), oto_args(tmp_path))
+    with pytest.raises(ValueError, match="call `trainer.prune\\(\\)`"):
+        trainer.save_pruned_model(str(tmp_path / "slim"))
+
+
+def test_push_to_hub_uploads_the_slim_model(pruned):
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_oto.modeling import load_pruned_model
+
+    trainer, _, slim, params_before = pruned
+    uploaded = {}
+
+    def fake_upload_folder(*, repo_id, folder_path, **kwargs):
+        uploaded["repo_id"] = repo_id
+        uploaded["model"] = load_pruned_model(folder_path, auto_class=AutoModelForSequenceClassification)
+        uploaded["files"] = sorted(os.listdir(folder_path))
+        return "https://huggingface.co/user/tiny-oto/commit/0"
+
+    repo = mock.Mock(repo_id="user/tiny-oto")
+    with (
+        mock.patch("transformers.trainer.create_repo", return_value=repo) as create_repo,
+        mock.patch("transformers.trainer.upload_folder", side_effect=fake_upload_folder),
+    ):
+        trainer.push_to_hub(commit_message="slim")
+    create_repo.assert_called_once()
+    assert uploaded["repo_id"] == "user/tiny-oto"
+    assert "README.md" in uploaded["files"] and "config.json" in uploaded["files"]
+    assert sum(p.numel() for p in uploaded["model"].parameters()) == sum(p.numel() for p in slim.parameters())
+    assert sum(p.numel() for p in uploaded["model"].parameters()) < params_before
