@@ -6,14 +6,33 @@ into a slim model that gives the same outputs.
 
 __version__ = "0.1.0.dev0"
 
+from .callbacks import OTOSparsityCallback
+from .flops import count_flops, count_parameters
+from .modeling import load_pruned_model, save_pruned_model
+from .optim import HSPG
+from .pruning import PrunedAttention, PruningReport, apply_layout, prune_zero_groups
+from .trainer import OTOTrainer
+from .training_args import OTOTrainingArguments
 from .zig import TRANSFORMER_LAYOUTS, TransformerLayout, ZIGFamily, ZIGMember, ZIGSet, build_zigs
 
 
 __all__ = [
+    "HSPG",
+    "OTOSparsityCallback",
+    "OTOTrainer",
+    "OTOTrainingArguments",
+    "PrunedAttention",
+    "PruningReport",
     "TRANSFORMER_LAYOUTS",
     "TransformerLayout",
     "ZIGFamily",
     "ZIGMember",
     "ZIGSet",
+    "apply_layout",
     "build_zigs",
+    "count_flops",
+    "count_parameters",
+    "load_pruned_model",
+    "prune_zero_groups",
+    "save_pruned_model",
 ]

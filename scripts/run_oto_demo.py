@@ -89,7 +89,9 @@ def accuracy(model, dataset, collator, batch_size: int = 128) -> float:
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             rows = dataset[start : start + batch_size]
-            features = [{key: rows[key][i] for key in ("input_ids", "attention_mask")} for i in range(len(rows["label"]))]
+            features = [
+                {key: rows[key][i] for key in ("input_ids", "attention_mask")} for i in range(len(rows["label"]))
+            ]
             batch = collator(features)
             logits = model(**batch).logits
             correct += int((logits.argmax(-1) == torch.tensor(rows["label"])).sum())

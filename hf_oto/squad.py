@@ -1,0 +1,290 @@
+"""SQuAD v1.1 for extractive question answering: local files, features with a doc stride, n-best post-processing,
+and the official exact-match / F1 metric computed offline (`evaluate.load("squad")` needs the hub).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+SQUAD_COLUMNS = ("id", "title", "context", "question", "answers")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading local SQuAD-format files
+# ----------------------------------------------------------------------------------------------------------------
+def _not_squad(path: str | os.PathLike, problem: str) -> ValueError:
+    return ValueError(
+        f"{path} is not a SQuAD-format file: {problem}. Expected either the official SQuAD v1.1 JSON "
+        '({"version": ..., "data": [{"title": ..., "paragraphs": [{"context": ..., "qas": [{"id": ..., "question": '
+        '..., "answers": [{"text": ..., "answer_start": ...}]}]}]}]}) or JSON lines / a JSON list of flat records with '
+        'the columns "id", "context", "question" and "answers" ({"text": [...], "answer_start": [...]}).'
+    )
+
+
+def _check_answers(path, record_id, context, answers: Mapping[str, Sequence]) -> None:
+    texts, starts = answers.get("text"), answers.get("answer_start")
+    if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+        raise _not_squad(path, f"question {record_id!r} has malformed answers {answers!r}")
+    for text, start in zip(texts, starts):
+        if not isinstance(start, int) or context[start : start + len(text)] != text:
+            raise _not_squad(
+                path, f"question {record_id!r}: answer {text!r} is not found at answer_start={start} of its context"
+            )
+
+
+def read_squad_file(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Reads a local SQuAD-format file into flat records `{"id", "title", "context", "question", "answers"}`.
+
+    Accepts the official nested SQuAD v1.1 JSON and flat JSON lines / JSON lists (the layout of the `squad` dataset
+    on the Hub). Anything else raises a `ValueError` that says what is wrong.
+
+    Example:
+
+    ```python
+    >>> records = read_squad_file("dev-v1.1.json")
+    >>> records[0]["answers"]
+    {'text': ['Denver Broncos'], 'answer_start': [177]}
+    ```
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"The SQuAD file {path} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            payload = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as error:
+            raise _not_squad(path, f"it is neither JSON nor JSON lines ({error})") from None
+    records: list[dict[str, Any]] = []
+    if isinstance(payload, dict):
+        if not isinstance(payload.get("data"), list):
+            raise _not_squad(path, f'the top-level object has no "data" list (keys: {sorted(payload)[:5]})')
+        for article in payload["data"]:
+            if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+                raise _not_squad(path, 'an article has no "paragraphs" list')
+            for paragraph in article["paragraphs"]:
+                if not isinstance(paragraph, dict) or "context" not in paragraph or "qas" not in paragraph:
+                    raise _not_squad(path, 'a paragraph lacks "context" or "qas"')
+                for qa in paragraph["qas"]:
+                    missing = [key for key in ("id", "question", "answers") if key not in qa]
+                    if missing:
+                        raise _not_squad(path, f"a question lacks {missing}")
+                    answers = {
+                        "text": [answer.get("text") for answer in qa["answers"]],
+                        "answer_start": [answer.get("answer_start") for answer in qa["answers"]],
+                    }
+                    _check_answers(path, qa["id"], paragraph["context"], answers)
+                    records.append(
+                        {
+                            "id": str(qa["id"]),
+                            "title": article.get("title", ""),
+                            "context": paragraph["context"],
+                            "question": qa["question"],
+                            "answers": answers,
+                        }
+                    )
+    elif isinstance(payload, list):
+        for index, record in enumerate(payload):
+            if not isinstance(record, dict):
+                raise _not_squad(path, f"record {index} is not an object")
+            missing = [key for key in ("id", "context", "question", "answers") if key not in record]
+            if missing:
+                raise _not_squad(path, f"record {index} lacks the columns {missing}")
+            _check_answers(path, record["id"], record["context"], record["answers"])
+            records.append({"title": "", **{key: record[key] for key in record if key in SQUAD_COLUMNS}})
+    else:
+        raise _not_squad(path, f"the top level is a {type(payload).__name__}")
+    if not records:
+        raise _not_squad(path, "it holds no question")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------------------------------------------
+def prepare_train_features(examples, tokenizer, max_seq_length: int, doc_stride: int, pad_to_max_length: bool = True):
+    """Tokenizes question/context pairs into overlapping windows and labels each with the answer's token span.
+
+    Windows that do not contain the answer point at the CLS token (index 0), as in BERT's SQuAD recipe.
+    """
+    pad_right = tokenizer.padding_side == "right"
+    questions = [question.lstrip() for question in examples["question"]]
+    tokenized = tokenizer(
+        questions if pad_right else examples["context"],
+        examples["context"] if pad_right else questions,
+        truncation="only_second" if pad_right else "only_first",
+        max_length=max_seq_length,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length" if pad_to_max_length else False,
+    )
+    sample_mapping = tokenized.pop("overflow_to_sample_mapping")
+    offset_mapping = tokenized.pop("offset_mapping")
+    tokenized["start_positions"], tokenized["end_positions"] = [], []
+    context_index = 1 if pad_right else 0
+    for i, offsets in enumerate(offset_mapping):
+        input_ids = tokenized["input_ids"][i]
+        cls_index = input_ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in input_ids else 0
+        sequence_ids = tokenized.sequence_ids(i)
+        answers = examples["answers"][sample_mapping[i]]
+        if len(answers["answer_start"]) == 0:
+            tokenized["start_positions"].append(cls_index)
+            tokenized["end_positions"].append(cls_index)
+            continue
+        start_char = answers["answer_start"][0]
+        end_char = start_char + len(answers["text"][0])
+        token_start = 0
+        while sequence_ids[token_start] != context_index:
+            token_start += 1
+        token_end = len(input_ids) - 1
+        while sequence_ids[token_end] != context_index:
+            token_end -= 1
+        if not (offsets[token_start][0] <= start_char and offsets[token_end][1] >= end_char):
+            tokenized["start_positions"].append(cls_index)
+            tokenized["end_positions"].append(cls_index)
+            continue
+        while token_start < len(offsets) and offsets[token_start][0] <= start_char:
+            token_start += 1
+        tokenized["start_positions"].append(token_start - 1)
+        while offsets[token_end][1] >= end_char:
+            token_end -= 1
+        tokenized["end_positions"].append(token_end + 1)
+    return tokenized
+
+
+def prepare_eval_features(examples, tokenizer, max_seq_length: int, doc_stride: int, pad_to_max_length: bool = True):
+    """Tokenizes evaluation examples into windows that keep their example id and the context's offsets."""
+    pad_right = tokenizer.padding_side == "right"
+    questions = [question.lstrip() for question in examples["question"]]
+    tokenized = tokenizer(
+        questions if pad_right else examples["context"],
+        examples["context"] if pad_right else questions,
+        truncation="only_second" if pad_right else "only_first",
+        max_length=max_seq_length,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+        padding="max_length" if pad_to_max_length else False,
+    )
+    sample_mapping = tokenized.pop("overflow_to_sample_mapping")
+    context_index = 1 if pad_right else 0
+    tokenized["example_id"] = []
+    for i in range(len(tokenized["input_ids"])):
+        sequence_ids = tokenized.sequence_ids(i)
+        tokenized["example_id"].append(examples["id"][sample_mapping[i]])
+        tokenized["offset_mapping"][i] = [
+            offset if sequence_ids[k] == context_index else None
+            for k, offset in enumerate(tokenized["offset_mapping"][i])
+        ]
+    return tokenized
+
+
+def postprocess_qa_predictions(
+    examples,
+    features,
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+) -> dict[str, str]:
+    """Turns start/end logits of every window into the best answer text of every example (n-best search).
+
+    Args:
+        examples: The raw examples (with `id` and `context`).
+        features: The windows from [`prepare_eval_features`] (with `example_id` and `offset_mapping`).
+        start_logits, end_logits (`np.ndarray`): `[num_features, seq_len]` logits of the model.
+        n_best_size (`int`): How many start and end candidates to combine per window.
+        max_answer_length (`int`): Longest answer, in tokens.
+
+    Returns:
+        `dict[str, str]`: example id → predicted answer text.
+    """
+    if len(features) != len(start_logits):
+        raise ValueError(f"Got {len(start_logits)} predictions for {len(features)} features.")
+    features_per_example = collections.defaultdict(list)
+    for index, example_id in enumerate(features["example_id"]):
+        features_per_example[example_id].append(index)
+    offsets_all = features["offset_mapping"]
+    predictions: dict[str, str] = {}
+    for example in examples:
+        context = example["context"]
+        best_text, best_score = "", -np.inf
+        for feature_index in features_per_example[example["id"]]:
+            starts, ends = start_logits[feature_index], end_logits[feature_index]
+            offsets = offsets_all[feature_index]
+            start_candidates = np.argsort(starts)[-1 : -n_best_size - 1 : -1]
+            end_candidates = np.argsort(ends)[-1 : -n_best_size - 1 : -1]
+            for start in start_candidates:
+                for end in end_candidates:
+                    if start >= len(offsets) or end >= len(offsets) or offsets[start] is None or offsets[end] is None:
+                        continue
+                    if end < start or end - start + 1 > max_answer_length:
+                        continue
+                    score = starts[start] + ends[end]
+                    if score > best_score:
+                        best_score = score
+                        best_text = context[offsets[start][0] : offsets[end][1]]
+        predictions[example["id"]] = best_text
+    return predictions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The official SQuAD v1.1 metric
+# ----------------------------------------------------------------------------------------------------------------
+def normalize_answer(text: str) -> str:
+    """Lower case, strip punctuation, articles and extra white space (the official SQuAD v1.1 normalisation)."""
+    text = text.lower()
+    text = "".join(character for character in text if character not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def _f1(prediction: str, truth: str) -> float:
+    prediction_tokens, truth_tokens = normalize_answer(prediction).split(), normalize_answer(truth).split()
+    common = collections.Counter(prediction_tokens) & collections.Counter(truth_tokens)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(prediction_tokens), overlap / len(truth_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_metrics(predictions: Mapping[str, str], references: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Exact match and F1 (in percent) of SQuAD v1.1, the maximum over each question's reference answers.
+
+    Example:
+
+    ```python
+    >>> squad_metrics({"q1": "the Denver Broncos"}, [{"id": "q1", "answers": {"text": ["Denver Broncos"]}}])
+    {'exact_match': 100.0, 'f1': 100.0}
+    ```
+    """
+    exact, f1, total = 0.0, 0.0, 0
+    for reference in references:
+        total += 1
+        prediction = predictions.get(reference["id"])
+        if prediction is None:
+            logger.warning(f"No prediction for question {reference['id']}; it counts as wrong.")
+            continue
+        truths = reference["answers"]["text"]
+        exact += max(float(normalize_answer(prediction) == normalize_answer(truth)) for truth in truths)
+        f1 += max(_f1(prediction, truth) for truth in truths)
+    if total == 0:
+        raise ValueError("squad_metrics got no reference question.")
+    return {"exact_match": 100.0 * exact / total, "f1": 100.0 * f1 / total}

@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""Train once and prune with OTO on SQuAD v1.1 (extractive question answering).
+
+Fine-tunes a question-answering model with [`OTOTrainer`] (HSPG over attention heads and FFN rows), slices the zero
+groups away, evaluates the slim model (exact match / F1, computed offline) and writes the pruned model folder with its
+model card and `all_results.json` (metrics, group sparsity, params and FLOPs of the slim model).
+
+Usage:
+
+```bash
+# with the Hugging Face hub
+python scripts/run_squad_oto.py --model_name_or_path bert-base-uncased --dataset_name squad \
+    --output_dir outputs/bert-squad-oto --do_train --do_eval --per_device_train_batch_size 32 \
+    --learning_rate 3e-5 --num_train_epochs 2 --max_seq_length 384 --doc_stride 128 \
+    --oto_lambda 1e-3 --oto_init_fraction 0.3 --oto_max_group_sparsity 0.5
+
+# offline, with local SQuAD-format JSON files (the official v1.1 layout or flat JSON lines)
+python scripts/run_squad_oto.py --model_name_or_path path/to/model --train_file train-v1.1.json \
+    --validation_file dev-v1.1.json --output_dir outputs/squad-oto --do_train --do_eval --max_train_samples 2000
+
+# all arguments from a JSON file
+python scripts/run_squad_oto.py args.json
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from transformers import (
+    AutoModelForQuestionAnswering,
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedTokenizerFast,
+    default_data_collator,
+    set_seed,
+)
+from transformers.utils import logging
+
+from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
+from hf_oto.squad import (
+    postprocess_qa_predictions,
+    prepare_eval_features,
+    prepare_train_features,
+    read_squad_file,
+    squad_metrics,
+)
+
+
+logger = logging.get_logger("hf_oto.run_squad_oto")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Path to a pretrained model folder or a Hub model id."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are stored."})
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` name, e.g. squad (needs the hub)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "Local SQuAD-format training file (JSON/JSONL)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local SQuAD-format validation file."})
+    max_seq_length: int = field(default=384, metadata={"help": "Tokens per window (question + context)."})
+    doc_stride: int = field(default=128, metadata={"help": "Overlap, in tokens, between the windows of a context."})
+    n_best_size: int = field(default=20, metadata={"help": "Start/end candidates combined per window."})
+    max_answer_length: int = field(default=30, metadata={"help": "Longest answer, in tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation examples."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
+    flops_seq_length: int | None = field(
+        default=None, metadata={"help": "Sequence length at which FLOPs are reported (default: max_seq_length)."}
+    )
+    pruned_model_dir: str | None = field(
+        default=None, metadata={"help": "Where the slim model goes (default: <output_dir>/pruned)."}
+    )
+
+    def __post_init__(self):
+        if self.dataset_name is None and self.train_file is None and self.validation_file is None:
+            raise ValueError("Pass --dataset_name (e.g. squad) or local --train_file/--validation_file.")
+        if self.dataset_name is not None and (self.train_file or self.validation_file):
+            raise ValueError("Pass either --dataset_name or --train_file/--validation_file, not both.")
+        if self.doc_stride >= self.max_seq_length:
+            raise ValueError(
+                f"--doc_stride ({self.doc_stride}) must be smaller than --max_seq_length ({self.max_seq_length})."
+            )
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name} must be a positive number of examples; got {value}.")
+
+
+def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> DatasetDict:
+    if data_args.dataset_name is not None:
+        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+    splits = {}
+    for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
+        if path is not None:
+            splits[split] = Dataset.from_list(read_squad_file(path))
+    return DatasetDict(splits)
+
+
+def parse_arguments(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, OTOTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_arguments(argv)
+    std_logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=std_logging.INFO)
+    logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    raw = load_raw_datasets(data_args, model_args.cache_dir)
+    if training_args.do_train and "train" not in raw:
+        raise ValueError("--do_train needs a training split: pass --train_file (or a dataset with a train split).")
+    if training_args.do_eval and "validation" not in raw:
+        raise ValueError("--do_eval needs a validation split: pass --validation_file.")
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir
+    )
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise ValueError("This script needs a fast tokenizer (for offset mappings); the model's tokenizer is slow.")
+    model = AutoModelForQuestionAnswering.from_pretrained(
+        model_args.model_name_or_path, cache_dir=model_args.cache_dir
+    )
+    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+
+    train_dataset = eval_examples = eval_dataset = None
+    if training_args.do_train:
+        train_examples = raw["train"]
+        if data_args.max_train_samples is not None:
+            train_examples = train_examples.select(range(min(data_args.max_train_samples, len(train_examples))))
+        with training_args.main_process_first(desc="train dataset map pre-processing"):
+            train_dataset = train_examples.map(
+                prepare_train_features,
+                fn_kwargs={
+                    "tokenizer": tokenizer,
+                    "max_seq_length": max_seq_length,
+                    "doc_stride": data_args.doc_stride,
+                },
+                batched=True,
+                num_proc=data_args.preprocessing_num_workers,
+                remove_columns=train_examples.column_names,
+                desc="Tokenizing the training set",
+            )
+        if len(train_dataset) == 0:
+            raise ValueError("The training set is empty after filtering and tokenization.")
+    if training_args.do_eval:
+        eval_examples = raw["validation"]
+        if data_args.max_eval_samples is not None:
+            eval_examples = eval_examples.select(range(min(data_args.max_eval_samples, len(eval_examples))))
+        with training_args.main_process_first(desc="validation dataset map pre-processing"):
+            eval_dataset = eval_examples.map(
+                prepare_eval_features,
+                fn_kwargs={
+                    "tokenizer": tokenizer,
+                    "max_seq_length": max_seq_length,
+                    "doc_stride": data_args.doc_stride,
+                },
+                batched=True,
+                num_proc=data_args.preprocessing_num_workers,
+                remove_columns=eval_examples.column_names,
+                desc="Tokenizing the validation set",
+            )
+
+    trainer = OTOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=None,
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+    )
+    results: dict = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        results.update(
+            {
+                f"train_{key}" if not key.startswith("train") else key: value
+                for key, value in train_result.metrics.items()
+            }
+        )
+
+    zigs = trainer.zigs
+    results["group_sparsity"] = zigs.group_sparsity()
+    results.update({f"group_sparsity_{kind}": value for kind, value in zigs.sparsity_by_kind().items()})
+    results["zero_groups"] = zigs.num_zero_groups()
+    results["num_groups"] = len(zigs)
+    flops_seq_length = data_args.flops_seq_length or max_seq_length
+    results["dense_params"] = count_parameters(trainer.model)
+    results["dense_flops"] = count_flops(trainer.model, seq_length=flops_seq_length)
+
+    check_inputs = None
+    if eval_dataset is not None:
+        check_inputs = default_data_collator(
+            [
+                {
+                    key: eval_dataset[i][key]
+                    for key in ("input_ids", "attention_mask", "token_type_ids")
+                    if key in eval_dataset.column_names
+                }
+                for i in range(min(8, len(eval_dataset)))
+            ]
+        )
+    slim = trainer.prune(inputs=check_inputs, seq_length=flops_seq_length)
+    results["params"] = count_parameters(slim)
+    results["flops"] = count_flops(slim, seq_length=flops_seq_length)
+    results["params_ratio"] = results["params"] / results["dense_params"]
+    results["flops_ratio"] = results["flops"] / results["dense_flops"]
+
+    if training_args.do_eval:
+        results.update(
+            {
+                f"eval_{key}": value
+                for key, value in evaluate(slim, eval_examples, eval_dataset, data_args, training_args).items()
+            }
+        )
+        results["eval_samples"] = len(eval_examples)
+
+    pruned_dir = data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned")
+    trainer.save_pruned_model(pruned_dir, overwrite=training_args.overwrite_output_dir)
+    results["pruned_model_dir"] = pruned_dir
+    if trainer.is_world_process_zero():
+        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:
+            json.dump(results, handle, indent=2, sort_keys=True)
+        logger.info(f"Results: {json.dumps(results, indent=2, sort_keys=True)}")
+    return results
+
+
+def evaluate(model, examples, features, data_args: DataTrainingArguments, training_args) -> dict[str, float]:
+    """EM/F1 of `model` on the evaluation examples, by n-best post-processing of its start/end logits."""
+    model.eval()
+    device = next(model.parameters()).device
+    columns = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in features.column_names]
+    batch_size = training_args.per_device_eval_batch_size
+    starts, ends = [], []
+    with torch.no_grad():
+        for begin in range(0, len(features), batch_size):
+            rows = features[begin : begin + batch_size]
+            batch = {name: torch.tensor(rows[name], device=device) for name in columns}
+            outputs = model(**batch)
+            starts.append(outputs.start_logits.float().cpu().numpy())
+            ends.append(outputs.end_logits.float().cpu().numpy())
+    predictions = postprocess_qa_predictions(
+        examples,
+        features,
+        np.concatenate(starts),
+        np.concatenate(ends),
+        n_best_size=data_args.n_best_size,
+        max_answer_length=data_args.max_answer_length,
+    )
+    Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+    with open(os.path.join(training_args.output_dir, "eval_predictions.json"), "w") as handle:
+        json.dump(predictions, handle, indent=2)
+    return squad_metrics(predictions, examples)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""A tiny SQuAD v1.1-format dataset and a tiny BERT question-answering model with its own vocabulary (no hub)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForQuestionAnswering, BertTokenizerFast
+
+
+PARAGRAPHS = [
+    (
+        "Paris is the capital of France. The city stands on the river Seine.",
+        [("Which river runs through the city?", "Seine"), ("What is the capital of France?", "Paris")],
+    ),
+    (
+        "The Rhine flows from the Alps to the North Sea. It passes Basel and Cologne.",
+        [("Where does the Rhine end?", "the North Sea"), ("Which city does the Rhine pass first?", "Basel")],
+    ),
+    (
+        "Marie Curie won two Nobel prizes. She was born in Warsaw in 1867.",
+        [("Where was Marie Curie born?", "Warsaw"), ("How many Nobel prizes did Curie win?", "two")],
+    ),
+]
+
+
+def squad_json() -> dict:
+    """The paragraphs above in the official nested SQuAD v1.1 layout."""
+    data, qid = [], 0
+    for index, (context, questions) in enumerate(PARAGRAPHS):
+        qas = []
+        for question, answer in questions:
+            qas.append(
+                {
+                    "id": f"q{qid}",
+                    "question": question,
+                    "answers": [{"text": answer, "answer_start": context.index(answer)}],
+                }
+            )
+            qid += 1
+        data.append({"title": f"article {index}", "paragraphs": [{"context": context, "qas": qas}]})
+    return {"version": "1.1", "data": data}
+
+
+def write_squad_file(path: Path) -> Path:
+    path.write_text(json.dumps(squad_json()))
+    return path
+
+
+def write_tiny_qa_model(directory: Path) -> Path:
+    """Saves a tiny BERT QA model and a word-level BERT tokenizer built from the fixture's words."""
+    words = set()
+    for context, questions in PARAGRAPHS:
+        for text in [context, *(q for q, _ in questions)]:
+            words.update(text.lower().replace(".", " . ").replace("?", " ? ").split())
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    BertForQuestionAnswering(config).save_pretrained(directory)
+    return directory

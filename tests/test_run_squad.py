@@ -1,0 +1,114 @@
+"""End-to-end test of scripts/run_squad_oto.py on a tiny SQuAD-format fixture, and of the SQuAD helpers."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForQuestionAnswering
+
+from hf_oto import load_pruned_model
+from hf_oto.squad import normalize_answer, read_squad_file, squad_metrics
+
+from .squad_fixture import squad_json, write_squad_file, write_tiny_qa_model
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_squad_oto.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_squad_oto", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_squad_oto_end_to_end(tmp_path):
+    model_dir = write_tiny_qa_model(tmp_path / "model")
+    data = write_squad_file(tmp_path / "squad.json")
+    output_dir = tmp_path / "out"
+    results = load_script().main(
+        [
+            "--model_name_or_path", str(model_dir),
+            "--train_file", str(data),
+            "--validation_file", str(data),
+            "--output_dir", str(output_dir),
+            "--do_train", "--do_eval",
+            "--max_seq_length", "32", "--doc_stride", "8",
+            "--per_device_train_batch_size", "4",
+            "--max_steps", "12", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+            "--oto_lambda", "10", "--oto_init_steps", "4",
+            "--report_to", "none", "--save_strategy", "no", "--use_cpu",
+        ]
+    )  # fmt: skip
+    written = json.loads((output_dir / "all_results.json").read_text())
+    assert written == pytest.approx(results)
+    for key in ("eval_exact_match", "eval_f1", "group_sparsity", "params", "flops", "dense_params", "dense_flops"):
+        assert key in written
+    assert 0.0 <= written["eval_exact_match"] <= written["eval_f1"] <= 100.0
+    assert written["eval_samples"] == 6
+    assert written["zero_groups"] > 0, "λ=10 at lr 1e-2 must zero groups in 8 half-space steps"
+    assert written["params"] < written["dense_params"]
+    assert written["flops"] < written["dense_flops"]
+    predictions = json.loads((output_dir / "eval_predictions.json").read_text())
+    assert set(predictions) == {f"q{i}" for i in range(6)}
+
+    pruned = Path(written["pruned_model_dir"])
+    assert (pruned / "config.json").is_file() and (pruned / "model.safetensors").is_file()
+    assert (pruned / "README.md").is_file() and (pruned / "tokenizer.json").is_file()
+    reloaded = load_pruned_model(pruned, auto_class=AutoModelForQuestionAnswering)
+    assert sum(p.numel() for p in reloaded.parameters()) == written["params"]
+
+
+def test_not_a_squad_file_gets_a_clear_error(tmp_path):
+    model_dir = write_tiny_qa_model(tmp_path / "model")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": [1, 2, 3]}))
+    with pytest.raises(ValueError, match=r'not a SQuAD-format file: the top-level object has no "data" list'):
+        load_script().main(
+            ["--model_name_or_path", str(model_dir), "--train_file", str(bad), "--output_dir", str(tmp_path / "o"),
+             "--do_train", "--report_to", "none"]
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "payload, problem",
+    [
+        ("not json at all {", "neither JSON nor JSON lines"),
+        ([{"id": "1", "question": "q"}], "lacks the columns"),
+        ({"data": [{"title": "t", "paragraphs": [{"context": "abc", "qas": [{"id": "1", "question": "q",
+          "answers": [{"text": "zzz", "answer_start": 0}]}]}]}]}, "is not found at answer_start=0"),
+        ({"data": []}, "holds no question"),
+    ],
+)  # fmt: skip
+def test_read_squad_file_errors(tmp_path, payload, problem):
+    path = tmp_path / "data.json"
+    path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    with pytest.raises(ValueError, match=problem):
+        read_squad_file(path)
+
+
+def test_read_squad_file_flat_json_lines(tmp_path):
+    nested = read_squad_file(write_squad_file(tmp_path / "nested.json"))
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("\n".join(json.dumps({k: r[k] for k in ("id", "context", "question", "answers")}) for r in nested))
+    assert [r["answers"] for r in read_squad_file(flat)] == [r["answers"] for r in nested]
+    assert len(nested) == sum(len(p["paragraphs"][0]["qas"]) for p in squad_json()["data"])
+
+
+def test_squad_metric_matches_the_official_definition():
+    references = [
+        {"id": "a", "answers": {"text": ["Denver Broncos", "Broncos"]}},
+        {"id": "b", "answers": {"text": ["the North Sea"]}},
+        {"id": "c", "answers": {"text": ["Warsaw"]}},
+    ]
+    predictions = {"a": "The Denver Broncos!", "b": "North Sea coast", "c": "Paris"}
+    metrics = squad_metrics(predictions, references)
+    # a: exact after normalisation; b: precision 2/3, recall 2/2 -> F1 0.8; c: wrong.
+    assert metrics["exact_match"] == pytest.approx(100 / 3)
+    assert metrics["f1"] == pytest.approx(100 * (1 + 0.8 + 0) / 3)
+    assert normalize_answer("  The  Seine, river. ") == "seine river"
+    torch.manual_seed(0)
