@@ -174,11 +174,22 @@ def load_pruned_model(directory: str | os.PathLike, auto_class: type = AutoModel
 
     state_dict = _read_state_dict(files)
     expected = model.state_dict()
-    for name, tensor in state_dict.items():
-        if name in expected and expected[name].shape != tensor.shape:
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    if prefix != "." and not any(name.startswith(prefix) for name in expected):
+        if any(name.startswith(prefix) for name in state_dict):
+            # A base model from a task checkpoint: keep the base model's tensors, drop the task head.
+            dropped = [name for name in state_dict if not name.startswith(prefix)]
+            state_dict = {name[len(prefix) :]: t for name, t in state_dict.items() if name.startswith(prefix)}
+            logger.info(f"Loading the base model only; dropped the task head tensors {dropped}.")
+    elif prefix != "." and not any(name.startswith(prefix) for name in state_dict):
+        # A base-model checkpoint into a task model: its tensors belong under the base model prefix.
+        state_dict = {prefix + name: tensor for name, tensor in state_dict.items()}
+    for name, reference in expected.items():
+        tensor = state_dict.get(name)
+        if tensor is not None and reference.shape != tensor.shape:
             raise ValueError(
                 f"The weights in {str(directory)!r} do not match the recorded oto_layout: {name!r} has shape "
-                f"{tuple(tensor.shape)} in the checkpoint, but the layout expects {tuple(expected[name].shape)}. The "
+                f"{tuple(tensor.shape)} in the checkpoint, but the layout expects {tuple(reference.shape)}. The "
                 "config.json and the weights come from different models; save the pruned model again with "
                 "`save_pruned_model`."
             )
