@@ -1,0 +1,645 @@
+"""ONNX export of slim (pruned) models through Optimum, and ONNX Runtime latency of a dense model vs its slim version.
+
+A model pruned by [`~hf_oto.pruning.prune_zero_groups`] is an ordinary transformers model whose layers compute fewer
+heads and FFN rows than `config.num_attention_heads` and `config.intermediate_size` say. Optimum's exporter traces the
+modules themselves, so the exported graph carries the per-layer sizes in its weights and reshape constants, and the
+folder loads with Optimum's `ORTModelFor*` classes without hf_oto:
+
+- [`export_onnx`] exports through `optimum.exporters.onnx.onnx_export_from_model`, then checks the ONNX Runtime
+  outputs against the PyTorch model's. Decoder-only models are exported without a key/value cache by default: the
+  cache inputs of Optimum's `-with-past` export (and the empty cache `ORTModelForCausalLM` builds for the first step)
+  have one head count for all layers, taken from the config, which a pruned model no longer has.
+- [`export_onnx_subfolder`] writes the `onnx/` subfolder of a checkpoint saved by
+  [`~hf_oto.modeling.save_pruned_model`].
+- [`benchmark_speedup`] measures the latency of both models with ONNX Runtime on the same inputs, interleaved, and
+  reports it next to their parameter and FLOPs counts as a [`SpeedupResult`].
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .flops import count_flops, count_parameters
+
+
+logger = logging.get_logger(__name__)
+
+ONNX_SUBFOLDER = "onnx"
+"""Name of the subfolder [`export_onnx_subfolder`] writes next to a saved pruned checkpoint."""
+
+ONNX_FILE_NAME = "model.onnx"
+
+ORT_MODEL_CLASSES = {
+    "feature-extraction": "ORTModelForFeatureExtraction",
+    "fill-mask": "ORTModelForMaskedLM",
+    "text-classification": "ORTModelForSequenceClassification",
+    "token-classification": "ORTModelForTokenClassification",
+    "question-answering": "ORTModelForQuestionAnswering",
+    "multiple-choice": "ORTModelForMultipleChoice",
+    "text-generation": "ORTModelForCausalLM",
+    "text-generation-with-past": "ORTModelForCausalLM",
+    "image-classification": "ORTModelForImageClassification",
+}
+"""The `optimum.onnxruntime` class that loads an export of each task."""
+
+
+def _require_optimum() -> None:
+    missing = [name for name in ("optimum.exporters.onnx", "onnxruntime") if not _module_available(name)]
+    if missing:
+        raise ImportError(
+            f"ONNX export and benchmarks need {missing}; install them with `pip install 'hf_oto[onnx]'` "
+            "(optimum[onnxruntime])."
+        )
+
+
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------
+def _kv_heads_per_layer(model: nn.Module) -> list[int] | None:
+    """Key/value heads each layer computes, or `None` when the model type has no hf_oto layout."""
+    from .pruning import current_layout
+    from .zig.transformers import TRANSFORMER_LAYOUTS
+
+    if getattr(model.config, "model_type", None) not in TRANSFORMER_LAYOUTS:
+        return None
+    layout = current_layout(model)
+    return layout.get("num_key_value_heads", layout["num_attention_heads"])
+
+
+def resolve_task(model: nn.Module, task: str | None = None) -> str:
+    """The Optimum export task of `model`: `task` checked against what Optimum supports, or inferred from its class.
+
+    An inferred task never has the `-with-past` suffix (see [`export_onnx`]).
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): The model to export.
+        task (`str`, *optional*): An Optimum task name (e.g. `"text-classification"`); `None` or `"auto"` to infer it.
+
+    Returns:
+        `str`: the task.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from hf_oto.onnx import resolve_task
+
+    >>> resolve_task(BertForSequenceClassification(BertConfig(hidden_size=32, num_attention_heads=4)))
+    'text-classification'
+    ```
+    """
+    _require_optimum()
+    from optimum.exporters.tasks import TasksManager
+
+    model_type = model.config.model_type.replace("_", "-")
+    supported = list(TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers"))
+    if task is None or task == "auto":
+        try:
+            task = TasksManager._infer_task_from_model_or_model_class(model=model)
+        except (KeyError, ValueError) as error:
+            raise ValueError(
+                f"Could not infer the export task of {type(model).__name__}; pass `task=` one of {supported}."
+            ) from error
+    task = TasksManager.map_from_synonym(task)
+    if task not in supported:
+        raise ValueError(
+            f"Task {task!r} is not supported by Optimum's ONNX exporter for model_type={model.config.model_type!r}; "
+            f"pass one of {supported}."
+        )
+    return task
+
+
+def _check_past_supported(model: nn.Module, task: str) -> None:
+    if not task.endswith("-with-past"):
+        return
+    kv_heads = _kv_heads_per_layer(model)
+    if kv_heads is None:
+        return
+    config = model.config
+    expected = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if any(heads != expected for heads in kv_heads):
+        raise ValueError(
+            f"Task {task!r} exports a key/value cache with {expected} heads in every layer (from the config), but the "
+            f"pruned model has {kv_heads} key/value heads per layer; neither Optimum's exporter nor ORTModelForCausalLM "
+            f"can handle per-layer cache sizes. Export with task={task.removesuffix('-with-past')!r} (no cache)."
+        )
+
+
+def _dummy_feed(input_names: list[str], config: Any, batch_size: int, seq_length: int, *, seed: int = 0, pad: bool):
+    """Numpy inputs for an exported text model: random token ids, an attention mask (padded tail on row 0 if `pad`)."""
+    rng = np.random.default_rng(seed)
+    vocab_size = int(getattr(config, "vocab_size", 100))
+    low = min(3, vocab_size - 1)
+    feed: dict[str, np.ndarray] = {}
+    for name in input_names:
+        if name == "input_ids":
+            feed[name] = rng.integers(low, vocab_size, size=(batch_size, seq_length), dtype=np.int64)
+        elif name == "attention_mask":
+            mask = np.ones((batch_size, seq_length), dtype=np.int64)
+            if pad and seq_length > 2:
+                mask[0, -2:] = 0
+            feed[name] = mask
+        elif name == "token_type_ids":
+            feed[name] = np.zeros((batch_size, seq_length), dtype=np.int64)
+        elif name == "position_ids":
+            feed[name] = np.broadcast_to(np.arange(seq_length, dtype=np.int64), (batch_size, seq_length)).copy()
+        elif name == "pixel_values":
+            size = getattr(config, "image_size", 224)
+            channels = getattr(config, "num_channels", 3)
+            feed[name] = rng.standard_normal((batch_size, channels, size, size)).astype(np.float32)
+        else:
+            raise ValueError(
+                f"The exported model takes an input {name!r} that hf_oto cannot make up; supported inputs are "
+                "input_ids, attention_mask, token_type_ids, position_ids and pixel_values."
+            )
+    return feed
+
+
+def _session(path: Path, num_threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if num_threads is not None:
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def check_onnx_outputs(model: nn.Module, directory: str | os.PathLike, *, atol: float = 1e-4, seq_length: int = 8):
+    """Runs the PyTorch model and the exported ONNX model on the same inputs and checks that their outputs agree.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): The exported model.
+        directory (`str` or `os.PathLike`): The folder written by [`export_onnx`].
+        atol (`float`, *optional*, defaults to 1e-4): Largest allowed absolute difference.
+        seq_length (`int`, *optional*, defaults to 8): Length of the test sequences (batch 2, one padded row).
+
+    Returns:
+        `dict[str, float]`: the largest absolute difference of every compared output.
+
+    Example:
+
+    ```python
+    >>> from hf_oto.onnx import check_onnx_outputs
+
+    >>> check_onnx_outputs(slim_model, "my-pruned-bert/onnx")  # doctest: +SKIP
+    {'logits': 2.9e-07}
+    ```
+    """
+    session = _session(Path(directory) / ONNX_FILE_NAME)
+    input_names = [i.name for i in session.get_inputs()]
+    feed = _dummy_feed(input_names, model.config, 2, seq_length, pad=True)
+    output_names = [o.name for o in session.get_outputs()]
+    onnx_outputs = dict(zip(output_names, session.run(None, feed)))
+    was_training = model.training
+    model.eval()
+    try:
+        torch_outputs = model(**{name: torch.from_numpy(value) for name, value in feed.items()})
+    finally:
+        model.train(was_training)
+    differences: dict[str, float] = {}
+    for name, value in onnx_outputs.items():
+        reference = torch_outputs.get(name) if isinstance(torch_outputs, Mapping) else None
+        if not isinstance(reference, torch.Tensor):
+            continue
+        reference = reference.float().numpy()
+        if reference.shape != value.shape:
+            raise ValueError(
+                f"ONNX output {name!r} has shape {value.shape} but the PyTorch model gives {reference.shape}; the "
+                "export does not match the model. Please report this with the model's config."
+            )
+        differences[name] = float(np.abs(reference - value).max()) if value.size else 0.0
+    if not differences:
+        raise ValueError(f"None of the ONNX outputs {output_names} is an output of {type(model).__name__}.")
+    bad = {name: diff for name, diff in differences.items() if not diff <= atol}
+    if bad:
+        raise ValueError(
+            f"The ONNX export in {str(directory)!r} differs from the PyTorch model by {bad} (atol={atol}). Re-export "
+            "with `validate=False` to keep it anyway, or raise `atol` if the model runs in reduced precision."
+        )
+    return differences
+
+
+def export_onnx(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    task: str | None = None,
+    opset: int | None = None,
+    *,
+    tokenizer: Any | None = None,
+    validate: bool = True,
+    atol: float = 1e-4,
+    overwrite: bool = False,
+    **export_kwargs: Any,
+) -> Path:
+    """Exports a slim (pruned) or dense model to ONNX through Optimum, loadable with `optimum.onnxruntime.ORTModelFor*`.
+
+    The export traces the model's own modules (`optimum.exporters.onnx.onnx_export_from_model`), so every layer keeps
+    the number of heads and FFN rows it computes; the dummy inputs depend only on the vocabulary and sequence shapes, not
+    on the config's head counts. Layers without heads (a [`~hf_oto.pruning.PrunedAttention`] stand-in) and without FFN
+    rows export as the bias-only products they are. The folder gets `model.onnx`, `config.json` (with `oto_layout`) and
+    the tokenizer if given; with `validate=True` the ONNX Runtime outputs are checked against the model's.
+
+    Decoder-only models (Llama, Mistral, Qwen2) export without a key/value cache unless `task` ends in `-with-past`,
+    which is only possible while every layer keeps the config's number of key/value heads. Load such an export with
+    `ORTModelForCausalLM.from_pretrained(directory, use_cache=False)`.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]):
+            The model to export, e.g. from [`~hf_oto.pruning.prune_zero_groups`] or
+            [`~hf_oto.modeling.load_pruned_model`]. Exported in eval mode.
+        directory (`str` or `os.PathLike`):
+            Output folder; created if missing.
+        task (`str`, *optional*):
+            Optimum task (`"text-classification"`, `"question-answering"`, `"feature-extraction"`,
+            `"text-generation"`, ...); inferred from the model class when `None`.
+        opset (`int`, *optional*):
+            ONNX opset; Optimum's default for the architecture when `None`.
+        tokenizer (*optional*):
+            A tokenizer saved into the folder, so `ORTModelFor*` pipelines find it.
+        validate (`bool`, *optional*, defaults to `True`):
+            Compare ONNX Runtime and PyTorch outputs on a padded batch and raise if they differ by more than `atol`.
+        atol (`float`, *optional*, defaults to 1e-4):
+            Tolerance of the validation.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Write into a folder that already holds a `model.onnx`.
+        export_kwargs:
+            Passed on to `onnx_export_from_model` (e.g. `optimize="O1"`, `do_constant_folding=False`).
+
+    Returns:
+        `Path`: the folder.
+
+    Example:
+
+    ```python
+    >>> from optimum.onnxruntime import ORTModelForSequenceClassification
+    >>> from hf_oto.onnx import export_onnx
+
+    >>> export_onnx(slim_model, "slim-onnx", task="text-classification")  # doctest: +SKIP
+    >>> ort_model = ORTModelForSequenceClassification.from_pretrained("slim-onnx")  # doctest: +SKIP
+    ```
+    """
+    _require_optimum()
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise ValueError(
+            f"export_onnx needs a transformers PreTrainedModel; got {type(model).__name__}. Load a saved folder with "
+            "`hf_oto.modeling.load_pruned_model` first."
+        )
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{str(directory)!r} is a file, not a folder; choose a folder path for the ONNX export.")
+    if (directory / ONNX_FILE_NAME).exists() and not overwrite:
+        raise ValueError(
+            f"{str(directory / ONNX_FILE_NAME)!r} already exists. Choose another folder or pass `overwrite=True`."
+        )
+    if atol <= 0:
+        raise ValueError(f"atol must be positive; got {atol}.")
+    task = resolve_task(model, task)
+    _check_past_supported(model, task)
+    was_training = model.training
+    model.eval()
+    try:
+        onnx_export_from_model(
+            model, directory, opset=opset, task=task, do_validation=False, monolith=True, **export_kwargs
+        )
+    finally:
+        model.train(was_training)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if validate:
+        differences = check_onnx_outputs(model, directory, atol=atol)
+        logger.info(f"ONNX export in {directory} matches the PyTorch model (max abs differences {differences}).")
+    logger.info(f"Exported {type(model).__name__} for {task!r} to {directory}.")
+    return directory
+
+
+def export_onnx_subfolder(
+    model: nn.Module, directory: str | os.PathLike, tokenizer: Any | None = None, **kwargs: Any
+) -> Path:
+    """Exports `model` to the `onnx/` subfolder of a checkpoint folder (what `save_pruned_model(..., export_onnx=True)`
+    calls).
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): The saved model.
+        directory (`str` or `os.PathLike`): The checkpoint folder; the export goes to `directory/onnx`.
+        tokenizer (*optional*): Saved into the subfolder too.
+        kwargs: Passed on to [`export_onnx`] (`task`, `opset`, ...); `overwrite` defaults to `True` here.
+
+    Returns:
+        `Path`: the `onnx/` subfolder.
+
+    Example:
+
+    ```python
+    >>> from hf_oto.onnx import export_onnx_subfolder
+
+    >>> export_onnx_subfolder(slim_model, "my-pruned-bert", tokenizer)  # doctest: +SKIP
+    PosixPath('my-pruned-bert/onnx')
+    ```
+    """
+    kwargs.setdefault("overwrite", True)
+    return export_onnx(model, Path(directory) / ONNX_SUBFOLDER, tokenizer=tokenizer, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latency benchmark
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class LatencyStats:
+    """Summary of one model's latencies, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    iqr_ms: float
+    mean_ms: float
+    min_ms: float
+    samples: int
+
+    @classmethod
+    def from_seconds(cls, times: list[float]) -> LatencyStats:
+        ms = sorted(t * 1e3 for t in times)
+        quantiles = statistics.quantiles(ms, n=20, method="inclusive") if len(ms) > 1 else [ms[0]] * 19
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
+        return cls(
+            median_ms=statistics.median(ms),
+            p10_ms=quantiles[1],
+            p90_ms=quantiles[17],
+            iqr_ms=q3 - q1,
+            mean_ms=statistics.fmean(ms),
+            min_ms=ms[0],
+            samples=len(ms),
+        )
+
+
+@dataclass
+class SpeedupResult:
+    """ONNX Runtime latency of a dense model and its slim version, with their sizes ([`benchmark_speedup`]).
+
+    `speedup` is median dense latency / median slim latency, `flops_ratio` is dense FLOPs / slim FLOPs (both > 1 when
+    the slim model is faster / cheaper, so they compare directly) and `efficiency` is `speedup / flops_ratio`.
+    `paired_speedup` is the median of the per-round ratios (each round runs both models back to back), which is
+    robust to drift of the machine's speed.
+    """
+
+    batch_size: int
+    seq_length: int
+    num_threads: int | None
+    warmup: int
+    repeats: int
+    dense: LatencyStats
+    slim: LatencyStats
+    dense_params: int
+    slim_params: int
+    dense_flops: int
+    slim_flops: int
+    paired_speedup: float
+    dense_name: str = "dense"
+    slim_name: str = "slim"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        """Median dense latency / median slim latency."""
+        return self.dense.median_ms / self.slim.median_ms
+
+    @property
+    def flops_ratio(self) -> float:
+        """Dense FLOPs / slim FLOPs (the speedup that FLOPs alone would predict)."""
+        return self.dense_flops / self.slim_flops if self.slim_flops else math.inf
+
+    @property
+    def params_ratio(self) -> float:
+        """Slim parameters / dense parameters (the share kept)."""
+        return self.slim_params / self.dense_params if self.dense_params else 1.0
+
+    @property
+    def efficiency(self) -> float:
+        """`speedup / flops_ratio`: 1.0 when the latency falls exactly as much as the FLOPs."""
+        return self.speedup / self.flops_ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of all fields and derived ratios."""
+        result = asdict(self)
+        result.update(
+            speedup=self.speedup,
+            flops_ratio=self.flops_ratio,
+            params_ratio=self.params_ratio,
+            efficiency=self.efficiency,
+        )
+        return result
+
+    def __str__(self) -> str:
+        threads = self.num_threads if self.num_threads is not None else "ORT default"
+        lines = [
+            f"ONNX Runtime, batch {self.batch_size}, seq {self.seq_length}, threads {threads}, "
+            f"{self.repeats} interleaved rounds after {self.warmup} warm-up rounds",
+            "",
+            "| model | params | GFLOPs | median ms | p10-p90 ms | IQR ms |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, stats, params, flops in (
+            (self.dense_name, self.dense, self.dense_params, self.dense_flops),
+            (self.slim_name, self.slim, self.slim_params, self.slim_flops),
+        ):
+            lines.append(
+                f"| {name} | {params:,} | {flops / 1e9:.3f} | {stats.median_ms:.2f} | "
+                f"{stats.p10_ms:.2f}-{stats.p90_ms:.2f} | {stats.iqr_ms:.2f} |"
+            )
+        lines += [
+            "",
+            f"speedup {self.speedup:.2f}x (paired {self.paired_speedup:.2f}x), FLOPs ratio {self.flops_ratio:.2f}x, "
+            f"speedup / FLOPs ratio {self.efficiency:.2f}, params kept {self.params_ratio:.1%}",
+        ]
+        return "\n".join(lines)
+
+
+def _load_torch_model(directory: Path) -> nn.Module:
+    """A PyTorch model from a saved folder: pruned (`oto_layout` in the config) or dense, class from `architectures`."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    if not (directory / "config.json").is_file():
+        raise ValueError(
+            f"{str(directory)!r} has no config.json: benchmark_speedup needs a model folder (written by "
+            "`save_pretrained` or `hf_oto.modeling.save_pruned_model`) or a model object."
+        )
+    config = AutoConfig.from_pretrained(directory)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    model_class = model_class or AutoModel
+    if getattr(config, "oto_layout", None) is not None:
+        from .modeling import load_pruned_model
+
+        return load_pruned_model(directory, model_class)
+    try:
+        return model_class.from_pretrained(directory).eval()
+    except OSError as error:
+        raise ValueError(f"{str(directory)!r} has a config.json but no weights that transformers can load.") from error
+
+
+def _prepare(model_or_dir: nn.Module | str | os.PathLike, workdir: Path, name: str, task: str | None):
+    """(torch model, path of model.onnx) for a model object or a saved folder; exports into `workdir` if needed."""
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        directory = Path(model_or_dir)
+        if not directory.is_dir():
+            raise ValueError(f"{str(directory)!r} is not a folder; pass a model folder or a model object.")
+        model = _load_torch_model(directory)
+        for candidate in (directory / ONNX_SUBFOLDER, directory):
+            if (candidate / ONNX_FILE_NAME).is_file():
+                return model, candidate / ONNX_FILE_NAME
+    elif isinstance(model_or_dir, nn.Module):
+        model = model_or_dir
+    else:
+        raise ValueError(
+            f"benchmark_speedup takes model objects or folders; got {type(model_or_dir).__name__} for the {name} model."
+        )
+    out = export_onnx(model, workdir / name, task=task, validate=False)
+    return model, out / ONNX_FILE_NAME
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer; got {value!r}.")
+
+
+def benchmark_speedup(
+    dense: nn.Module | str | os.PathLike,
+    slim: nn.Module | str | os.PathLike,
+    *,
+    batch_size: int = 1,
+    seq_length: int = 128,
+    num_threads: int | None = None,
+    warmup: int = 5,
+    repeats: int = 30,
+    task: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> SpeedupResult:
+    """Measures the ONNX Runtime latency of a dense model and its slim version on the same inputs, interleaved.
+
+    Both models are exported with [`export_onnx`] into a temporary folder (a folder argument with an `onnx/` subfolder
+    or a `model.onnx` is used as it is), loaded into CPU ONNX Runtime sessions with all graph optimizations, and run
+    alternately on the same random token batch: each round runs both models back to back, in alternating order, so
+    drift of the machine's speed (other processes, thermal throttling) hits both and cancels in the ratio. Parameters
+    and FLOPs are counted on the PyTorch models ([`~hf_oto.flops.count_flops`] at the same batch and length).
+
+    Args:
+        dense (`nn.Module`, `str` or `os.PathLike`):
+            The dense model, or its folder (`save_pretrained` layout).
+        slim (`nn.Module`, `str` or `os.PathLike`):
+            The slim model, or its folder (written by [`~hf_oto.modeling.save_pruned_model`]).
+        batch_size (`int`, *optional*, defaults to 1):
+            Batch size of the inputs.
+        seq_length (`int`, *optional*, defaults to 128):
+            Sequence length of the inputs.
+        num_threads (`int`, *optional*):
+            ONNX Runtime intra-op threads; ONNX Runtime's default (all cores) when `None`.
+        warmup (`int`, *optional*, defaults to 5):
+            Untimed rounds before measuring (0 allowed).
+        repeats (`int`, *optional*, defaults to 30):
+            Timed rounds; each runs both models once.
+        task (`str`, *optional*):
+            Export task for models that need exporting; inferred when `None`.
+        seed (`int`, *optional*, defaults to 0):
+            Seed of the random token ids.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a tqdm progress bar.
+
+    Returns:
+        [`SpeedupResult`]: latencies, speedup, parameters and FLOPs of both models; `str()` gives a markdown table and
+        `to_dict()` a JSON-ready dict.
+
+    Example:
+
+    ```python
+    >>> from hf_oto.onnx import benchmark_speedup
+
+    >>> result = benchmark_speedup(dense_model, slim_model, batch_size=1, seq_length=128, repeats=20)  # doctest: +SKIP
+    >>> print(result)  # doctest: +SKIP
+    >>> result.speedup, result.flops_ratio  # doctest: +SKIP
+    ```
+    """
+    _check_positive(batch_size=batch_size, seq_length=seq_length, repeats=repeats)
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative integer; got {warmup!r}.")
+    if num_threads is not None:
+        _check_positive(num_threads=num_threads)
+    _require_optimum()
+    from tqdm.auto import tqdm
+
+    with tempfile.TemporaryDirectory(prefix="hf_oto_onnx_") as tmp:
+        workdir = Path(tmp)
+        dense_model, dense_path = _prepare(dense, workdir, "dense", task)
+        slim_model, slim_path = _prepare(slim, workdir, "slim", task)
+        max_positions = getattr(dense_model.config, "max_position_embeddings", None)
+        if max_positions is not None and seq_length > max_positions:
+            raise ValueError(
+                f"seq_length={seq_length} exceeds the model's max_position_embeddings={max_positions}; pass a "
+                "shorter seq_length."
+            )
+        sessions = {"dense": _session(dense_path, num_threads), "slim": _session(slim_path, num_threads)}
+        input_names = {key: sorted(i.name for i in s.get_inputs()) for key, s in sessions.items()}
+        if input_names["dense"] != input_names["slim"]:
+            raise ValueError(
+                f"The dense and slim ONNX models take different inputs ({input_names['dense']} vs "
+                f"{input_names['slim']}); export both for the same task."
+            )
+        feed = _dummy_feed(input_names["dense"], dense_model.config, batch_size, seq_length, seed=seed, pad=False)
+        times: dict[str, list[float]] = {"dense": [], "slim": []}
+        rounds = tqdm(
+            range(warmup + repeats), desc=f"ORT latency b{batch_size} s{seq_length}", disable=not progress, leave=False
+        )
+        for round_index in rounds:
+            order = ("dense", "slim") if round_index % 2 == 0 else ("slim", "dense")
+            for key in order:
+                start = time.perf_counter()
+                sessions[key].run(None, feed)
+                elapsed = time.perf_counter() - start
+                if round_index >= warmup:
+                    times[key].append(elapsed)
+        del sessions
+    pair_ratios = [d / s for d, s in zip(times["dense"], times["slim"])]
+    result = SpeedupResult(
+        batch_size=batch_size,
+        seq_length=seq_length,
+        num_threads=num_threads,
+        warmup=warmup,
+        repeats=repeats,
+        dense=LatencyStats.from_seconds(times["dense"]),
+        slim=LatencyStats.from_seconds(times["slim"]),
+        dense_params=count_parameters(dense_model),
+        slim_params=count_parameters(slim_model),
+        dense_flops=count_flops(dense_model, seq_length=seq_length, batch_size=batch_size),
+        slim_flops=count_flops(slim_model, seq_length=seq_length, batch_size=batch_size),
+        paired_speedup=statistics.median(pair_ratios),
+    )
+    logger.info(f"\n{result}")
+    return result
