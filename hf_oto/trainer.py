@@ -229,7 +229,11 @@ class OTOTrainer(Trainer):
         return next(iter(dataloader))
 
     def prune(
-        self, inputs: Optional[Mapping[str, Any]] = None, *, seq_length: int = 128, atol: Optional[float] = None
+        self,
+        inputs: Optional[Mapping[str, Any]] = None,
+        *,
+        seq_length: Optional[int] = None,
+        atol: Optional[float] = None,
     ) -> nn.Module:
         """Slices the zero groups out of the trained model and checks that its outputs are unchanged.
 
@@ -241,8 +245,9 @@ class OTOTrainer(Trainer):
         Args:
             inputs (`Mapping[str, Any]`, *optional*):
                 Model inputs to check the outputs on.
-            seq_length (`int`, *optional*, defaults to 128):
-                Sequence length at which the report counts FLOPs.
+            seq_length (`int`, *optional*):
+                Sequence length at which the report counts FLOPs; defaults to 128, or the model's
+                `max_position_embeddings` when smaller.
             atol (`float`, *optional*):
                 Largest allowed absolute difference of the outputs; `1e-4` for float32 models, `1e-2` otherwise.
 
@@ -264,6 +269,8 @@ class OTOTrainer(Trainer):
         from .pruning import prune_zero_groups
 
         model = self.model
+        if seq_length is None:
+            seq_length = min(128, getattr(model.config, "max_position_embeddings", None) or 128)
         if atol is None:
             dtype = next(model.parameters()).dtype
             atol = 1e-4 if dtype == torch.float32 else 1e-2

@@ -20,7 +20,9 @@ from .tiny_models import tiny_inputs, tiny_model
 
 
 OTO_KEYS = ("oto/group_sparsity", "oto/group_sparsity_heads", "oto/group_sparsity_ffn", "oto/zero_groups", "oto/stage")
-QUIET = dict(report_to="none", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, save_strategy="no")
+QUIET = dict(
+    report_to="none", disable_tqdm=True, log_level="error", use_cpu=True, dataloader_num_workers=0, save_strategy="no"
+)
 
 
 def random_dataset(num_examples: int = 32, seq_length: int = 8, num_labels: int = 3, seed: int = 0) -> list[dict]:
@@ -159,7 +161,14 @@ def trained(tmp_path_factory):
     data = random_dataset(32)
     trainer = OTOTrainer(
         tiny_model("bert"),
-        oto_args(output_dir, gradient_accumulation_steps=2, max_grad_norm=1.0, weight_decay=0.01),
+        oto_args(
+            output_dir,
+            gradient_accumulation_steps=2,
+            max_grad_norm=1.0,
+            weight_decay=0.01,
+            oto_lambda=20.0,
+            oto_max_group_sparsity=0.5,
+        ),
         train_dataset=data,
         eval_dataset=data[:8],
     )
@@ -194,7 +203,7 @@ def test_sparsity_is_logged_at_every_logging_step(trained):
     assert all(stage == STAGE_IDS["initialization"] for step, stage in stages.items() if step < 6)
     assert all(stage == STAGE_IDS["half_space"] for step, stage in stages.items() if step > 6)
     last = train_logs[-1]
-    assert last["oto/zero_groups"] > 0
+    assert 0 < last["oto/zero_groups"] <= 0.5 * len(trained.zigs)  # oto_max_group_sparsity=0.5
     assert last["oto/zero_groups"] == trained.zigs.num_zero_groups()
     assert last["oto/group_sparsity"] == pytest.approx(trained.zigs.group_sparsity())
     by_kind = trained.zigs.sparsity_by_kind()
@@ -228,7 +237,9 @@ def test_resume_from_checkpoint_gives_identical_weights(tmp_path):
     data = random_dataset(24)
     # Checkpoint at step 4, inside the initialization stage (6 of 12 steps from the fraction), so the resumed run
     # must restore both the step count and the moments of HSPG to switch stage at the same step.
-    overrides = dict(max_steps=12, save_strategy="steps", save_steps=4, oto_init_steps=None, oto_init_fraction=0.5)
+    overrides = dict(
+        max_steps=12, save_strategy="steps", save_steps=4, oto_lambda=3.0, oto_init_steps=None, oto_init_fraction=0.5
+    )
     full = OTOTrainer(tiny_model("bert"), oto_args(tmp_path / "full", **overrides), train_dataset=data)
     full.train()
     assert full.oto_init_steps == 6
