@@ -310,7 +310,7 @@ def test_stages_on_tiny_models(name, variant):
     assert masks[-1].any(), "the half-space stage should create zero groups"
     for before, after in zip(masks, masks[1:]):
         assert not (before & ~after).any(), "a zero group came back"
-    for _, member, param in zigs.penalised_parameters():
+    for _, _, param in zigs.penalised_parameters():
         assert torch.isfinite(param).all()
     assert optimizer.group_sparsity() == zigs.group_sparsity()
 

@@ -509,7 +509,7 @@ class HSPG(Optimizer):
                 directions = buffers
         else:
             directions = nus
-        for i, param in enumerate(params):
+        for param in params:
             state = self.state[param]
             state["step"] = state.get("step", torch.tensor(0.0, dtype=torch.float32)) + 1
         if plain:
