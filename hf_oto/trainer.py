@@ -11,7 +11,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.utils import logging
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    logging,
+)
 
 from .callbacks import oto_sparsity_logs, unwrap_optimizer
 from .training_args import OTOTrainingArguments
@@ -20,7 +26,6 @@ from .zig import ZIGSet, build_zigs
 
 logger = logging.get_logger(__name__)
 
-OTO_PAPER_URL = "https://arxiv.org/abs/2107.07467"
 _DEFAULT_OPTIMS = ("adamw_torch", "adamw_torch_fused")
 
 
@@ -341,49 +346,141 @@ class OTOTrainer(Trainer):
         if not self.is_pruned:
             return super().save_model(output_dir, _internal_call)
         directory = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            _remove_dense_weights(directory)
         self.save_pruned_model(directory, overwrite=True)
         if self.args.should_save:
             torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))
 
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """The `Trainer`'s model card before pruning; the OTO card ([`OTOTrainer.write_oto_model_card`]) after."""
+    def create_model_card(
+        self,
+        language: Optional[str] = None,
+        license: Optional[str] = None,
+        tags: Union[str, list[str], None] = None,
+        model_name: Optional[str] = None,
+        finetuned_from: Optional[str] = None,
+        tasks: Union[str, list[str], None] = None,
+        dataset_tags: Union[str, list[str], None] = None,
+        dataset: Union[str, list[str], None] = None,
+        dataset_args: Union[str, list[str], None] = None,
+    ) -> None:
+        """The `Trainer`'s model card in `args.output_dir` before pruning; the OTO card of the pruned model (see
+        [`OTOTrainer.write_oto_model_card`]) after. Arguments are those of `Trainer.create_model_card`."""
         if not self.is_pruned:
-            return super().create_model_card(*args, **kwargs)
-        if self.is_world_process_zero():
-            self.write_oto_model_card(self.args.output_dir, model_name=kwargs.get("model_name"))
+            return super().create_model_card(
+                language=language,
+                license=license,
+                tags=tags,
+                model_name=model_name,
+                finetuned_from=finetuned_from,
+                tasks=tasks,
+                dataset_tags=dataset_tags,
+                dataset=dataset,
+                dataset_args=dataset_args,
+            )
+        if not self.is_world_process_zero():
+            return None
+        datasets = dataset if dataset is not None else dataset_tags
+        self.write_oto_model_card(
+            self.args.output_dir,
+            model_name=model_name,
+            base_model=finetuned_from,
+            datasets=[datasets] if isinstance(datasets, str) else datasets,
+            license=license,
+            language=language,
+            tags=[tags] if isinstance(tags, str) else tags,
+        )
+        return None
 
-    def write_oto_model_card(self, directory: str, model_name: Optional[str] = None) -> str:
-        """Writes a minimal README.md model card of the pruned model: the OTO hyper-parameters and the pruning report.
+    def write_oto_model_card(self, directory: str, model_name: Optional[str] = None, **card_kwargs: Any) -> str:
+        """Writes the README.md model card (and its layout plot) of the pruned model into `directory` with
+        [`hf_oto.model_card.write_model_card`]: sizes before and after, kept heads and FFN rows per layer, the OTO
+        hyper-parameters of this run and its latest evaluation metrics.
 
-        This is the hook for the project's model-card template: override or replace it to write a richer card.
+        Args:
+            directory (`str`): The folder of the pruned model.
+            model_name (`str`, *optional*): Title of the card; defaults to the folder name.
+            card_kwargs: More arguments of [`hf_oto.model_card.create_model_card`] (`base_model`, `datasets`,
+                `license`, `language`, `tags`, `speedup`, `has_onnx`, ...); `None` values are dropped.
 
         Returns:
             `str`: the path of the card.
         """
-        name = model_name or os.path.basename(os.path.abspath(directory))
-        report = self.pruning_report.to_dict() if hasattr(self.pruning_report, "to_dict") else {}
-        tags = "\n".join(f"- {tag}" for tag in self._tag_names)
-        rows = "\n".join(
-            f"| `{key}` | `{json.dumps(value)}` |" for key, value in self.args.oto_hyperparameters().items()
-        )
-        card = (
-            f"---\nlibrary_name: transformers\ntags:\n{tags}\n---\n\n"
-            f"# {name}\n\n"
-            f"A structurally pruned `{type(self.model).__name__}`, trained once with the HSPG optimizer of "
-            f"[Only Train Once]({OTO_PAPER_URL}) and sliced with `hf_oto` without fine-tuning: "
-            "its outputs equal those of the group-sparse trained model. Load it with "
-            "`hf_oto.load_pruned_model(folder)`.\n\n"
-            "## OTO hyper-parameters\n\n| argument | value |\n|---|---|\n"
-            f"{rows}\n| `learning_rate` | `{self.args.learning_rate}` |\n"
-            f"| `max_steps` | `{self._oto_num_training_steps}` |\n| `init_steps` (resolved) | `{self.oto_init_steps}` |\n\n"
-            "## Pruning report\n\n```json\n"
-            f"{json.dumps(report, indent=2, sort_keys=True, default=str)}\n```\n"
-        )
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "README.md")
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(card)
-        return path
+        from .model_card import create_model_card, write_model_card
+
+        if not self.is_pruned:
+            raise ValueError("No pruned model to describe: call `trainer.prune()` after training first.")
+        config = getattr(self.model, "config", None)
+        name_or_path = getattr(config, "_name_or_path", "") or ""
+        kwargs: dict[str, Any] = {
+            "model_name": model_name or os.path.basename(os.path.abspath(directory)),
+            "repo_id": self.hub_model_id if getattr(self, "hub_model_id", None) else None,
+            "base_model": name_or_path if name_or_path and not os.path.exists(name_or_path) else None,
+            "auto_class": _auto_class_name(self.model),
+            "hyperparameters": self.oto_hyperparameters(),
+            "metrics": self._latest_eval_metrics() or None,
+            "tags": self._tag_names,
+        }
+        for key, value in card_kwargs.items():
+            if value is not None:
+                kwargs[key] = [*self._tag_names, *value] if key == "tags" else value
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        try:
+            path = write_model_card(directory, self.pruning_report, **kwargs)
+        except ImportError as error:  # the layout plot needs matplotlib
+            logger.warning(f"Writing the model card without its layout plot ({error}).")
+            os.makedirs(directory, exist_ok=True)
+            path = os.path.join(directory, "README.md")
+            create_model_card(self.pruning_report, **kwargs).save(path)
+        return str(path)
+
+    def oto_hyperparameters(self) -> dict[str, Any]:
+        """The OTO arguments of this run with the resolved initialization stage, the learning rate and total steps."""
+        return {
+            **self.args.oto_hyperparameters(),
+            "oto_init_steps_resolved": self.oto_init_steps,
+            "learning_rate": self.args.learning_rate,
+            "lr_scheduler_type": str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)),
+            "total_steps": self._oto_num_training_steps,
+        }
+
+    def _latest_eval_metrics(self) -> dict[str, float]:
+        for entry in reversed(self.state.log_history):
+            metrics = {
+                key: float(value)
+                for key, value in entry.items()
+                if key.startswith("eval_")
+                and isinstance(value, (int, float))
+                and not key.endswith(("_runtime", "_per_second"))
+            }
+            if metrics:
+                return metrics
+        return {}
+
+
+def _remove_dense_weights(directory: str) -> None:
+    """Deletes the weight files a dense `save_model` may have left in the Trainer's own output folder (sharded
+    indexes take precedence over `model.safetensors` when loading), so that the folder holds the slim model only."""
+    if not os.path.isdir(directory):
+        return
+    stale = [WEIGHTS_NAME, SAFE_WEIGHTS_NAME]
+    for index_name in (WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_INDEX_NAME):
+        index_path = os.path.join(directory, index_name)
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as handle:
+                stale.extend(sorted(set(json.load(handle).get("weight_map", {}).values())))
+            stale.append(index_name)
+    for name in stale:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) and os.path.dirname(os.path.abspath(path)) == os.path.abspath(directory):
+            os.remove(path)
+            logger.info(f"Removed the dense weights file {path} before saving the pruned model.")
+
+
+def _auto_class_name(model: nn.Module) -> str:
+    """`"AutoModelForSequenceClassification"` for `BertForSequenceClassification`, `"AutoModel"` for `BertModel`."""
+    name = type(model).__name__
+    return f"AutoModelFor{name.split('For', 1)[1]}" if "For" in name else "AutoModel"
 
 
 def _floating_tensors(outputs: Any) -> list[torch.Tensor]:

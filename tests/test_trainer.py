@@ -283,6 +283,8 @@ def test_prune_gives_the_same_outputs(pruned):
     with torch.no_grad():
         torch.testing.assert_close(slim.eval()(**inputs).logits, sparse(**inputs).logits, rtol=0, atol=1e-4)
     assert trainer.prune() is slim  # a second call is a no-op
+    metrics = trainer.evaluate()  # the slim model evaluates in the same trainer
+    assert "eval_loss" in metrics and not any(key.startswith("oto/") for key in trainer.state.log_history[-1])
     with pytest.raises(RuntimeError, match="already pruned"):
         trainer.create_optimizer()
 
@@ -293,9 +295,11 @@ def test_save_pruned_model_reloads_identically(pruned, tmp_path):
     from hf_oto.modeling import load_pruned_model
 
     trainer, sparse, slim, _ = pruned
+    trainer.evaluate()  # its metrics go to the card
     directory = trainer.save_pruned_model(str(tmp_path / "slim"))
     card = (tmp_path / "slim" / "README.md").read_text()
-    assert "oto_lambda" in card and "Pruning report" in card
+    assert "only-train-once" in card and "| oto_lambda | 20.0 |" in card
+    assert "AutoModelForSequenceClassification" in card and "eval_loss" in card
     reloaded = load_pruned_model(directory, auto_class=AutoModelForSequenceClassification).eval()
     inputs = tiny_inputs(sparse, batch_size=3, seq_length=8)
     with torch.no_grad():
@@ -314,6 +318,13 @@ def test_push_to_hub_uploads_the_slim_model(pruned):
     from hf_oto.modeling import load_pruned_model
 
     trainer, _, slim, params_before = pruned
+    # A dense sharded save left in the output folder must not be uploaded next to the slim model.
+    output_dir = trainer.args.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "model.safetensors.index.json"), "w") as handle:
+        json.dump({"metadata": {}, "weight_map": {"classifier.bias": "model-00001-of-00002.safetensors"}}, handle)
+    with open(os.path.join(output_dir, "model-00001-of-00002.safetensors"), "wb") as handle:
+        handle.write(b"dense")
     uploaded = {}
 
     def fake_upload_folder(*, repo_id, folder_path, **kwargs):
@@ -331,5 +342,8 @@ def test_push_to_hub_uploads_the_slim_model(pruned):
     create_repo.assert_called_once()
     assert uploaded["repo_id"] == "user/tiny-oto"
     assert "README.md" in uploaded["files"] and "config.json" in uploaded["files"]
+    assert "model.safetensors" in uploaded["files"] and "model.safetensors.index.json" not in uploaded["files"]
+    assert "model-00001-of-00002.safetensors" not in uploaded["files"]
+    assert "only-train-once" in open(os.path.join(output_dir, "README.md")).read()
     assert sum(p.numel() for p in uploaded["model"].parameters()) == sum(p.numel() for p in slim.parameters())
     assert sum(p.numel() for p in uploaded["model"].parameters()) < params_before
