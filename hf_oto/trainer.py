@@ -71,10 +71,12 @@ class OTOTrainer(Trainer):
     ...                     intermediate_size=37, num_labels=2)
     >>> model = BertForSequenceClassification(config)
     >>> data = Dataset.from_dict({"input_ids": [[5, 6, 7, 8]] * 32, "labels": [0, 1] * 16})
-    >>> args = OTOTrainingArguments("oto-out", max_steps=20, learning_rate=1e-2, oto_lambda=1.0, oto_init_steps=5)
+    >>> args = OTOTrainingArguments(
+    ...     "oto-out", max_steps=20, learning_rate=1e-2, oto_lambda=20.0, oto_init_steps=6, oto_max_group_sparsity=0.5
+    ... )
     >>> trainer = OTOTrainer(model, args, train_dataset=data, eval_dataset=data)
     >>> trainer.train()
-    >>> trainer.state.log_history[-2]["oto/group_sparsity"] > 0
+    >>> trainer.state.log_history[-1]["oto/group_sparsity"] > 0
     True
     >>> slim = trainer.prune()  # checks that outputs equal the group-sparse model's on an eval batch
     >>> trainer.save_pruned_model("oto-out/pruned")
