@@ -55,7 +55,7 @@ class BenchmarkArguments:
     models: str = field(default="bert-base,minilm", metadata={"help": "Comma-separated: bert-base, minilm."})
     fractions: str = field(default="0.25,0.5,0.67", metadata={"help": "Shares of heads and FFN rows to zero."})
     shapes: str = field(default="1x128,8x384", metadata={"help": "Comma-separated batch x sequence length."})
-    repeats_small: int = field(default=12, metadata={"help": "Timed rounds at shapes under 1024 tokens."})
+    repeats_small: int = field(default=20, metadata={"help": "Timed rounds at shapes under 1024 tokens."})
     repeats_large: int = field(default=3, metadata={"help": "Timed rounds at shapes of 1024 tokens or more."})
     warmup: int = field(default=1, metadata={"help": "Untimed rounds before each measurement."})
     threads: int = field(default=2, metadata={"help": "ONNX Runtime intra-op threads."})
@@ -63,6 +63,9 @@ class BenchmarkArguments:
         default=1, metadata={"help": "Keep FFN rows in multiples of this (zero fewer groups); 1 = exact fractions."}
     )
     head_multiple: int = field(default=1, metadata={"help": "Keep heads in multiples of this; 1 = exact fractions."})
+    optimize: str | None = field(
+        default=None, metadata={"help": "Optimum ORT optimization level of the exports (O1, O2, O3); none by default."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the choice of zero groups."})
     output_json: str | None = field(default=None, metadata={"help": "Write all rows as JSON here."})
 
@@ -156,18 +159,19 @@ def main() -> list[dict]:
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
     rows: list[dict] = []
+    extra = {"optimize": args.optimize} if args.optimize else {}
     started = time.time()
     print(f"load average before: {load_average()} (cores: {os.cpu_count()})", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
         for model_name in args.models.split(","):
             dense = build_model(model_name)
-            dense_onnx = export_onnx(dense, Path(tmp) / f"{model_name}-dense", task="feature-extraction")
+            dense_onnx = export_onnx(dense, Path(tmp) / f"{model_name}-dense", task="feature-extraction", **extra)
             for fraction in fractions:
                 for uniform in (True, False):
                     slim = prune(dense, fraction, uniform, args)
                     layout = slim.config.oto_layout
                     slim_onnx = export_onnx(
-                        slim, Path(tmp) / f"{model_name}-{fraction}-{uniform}", task="feature-extraction"
+                        slim, Path(tmp) / f"{model_name}-{fraction}-{uniform}", task="feature-extraction", **extra
                     )
                     for batch_size, seq_length in shapes:
                         repeats = args.repeats_small if batch_size * seq_length < 1024 else args.repeats_large

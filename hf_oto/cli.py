@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=_positive_int, default=30, help="Timed rounds (each runs both models).")
     bench.add_argument("--warmup", type=_non_negative_int, default=5, help="Untimed rounds first.")
     bench.add_argument("--task", default=None, help="Optimum export task (inferred from the model class if unset).")
+    bench.add_argument("--optimize", default=None, choices=["O1", "O2", "O3"], help="Optimum ORT optimization level.")
     bench.add_argument("--json", type=Path, default=None, help="Also write the result as JSON to this file.")
     bench.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
 
@@ -98,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats=args.repeats,
             task=args.task,
             progress=not args.no_progress,
+            optimize=args.optimize,
         )
         result.dense_name, result.slim_name = str(args.dense_dir), str(args.slim_dir)
         print(result)

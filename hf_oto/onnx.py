@@ -510,6 +510,7 @@ def _prepare(
     name: str,
     task: str | None,
     onnx_dir: str | os.PathLike | None = None,
+    optimize: str | None = None,
 ):
     """(torch model, path of model.onnx) for a model object or a saved folder; exports into `workdir` if needed."""
     if onnx_dir is not None:
@@ -535,7 +536,8 @@ def _prepare(
         raise ValueError(
             f"benchmark_speedup takes model objects or folders; got {type(model_or_dir).__name__} for the {name} model."
         )
-    out = export_onnx(model, workdir / name, task=task, validate=False)
+    extra = {"optimize": optimize} if optimize is not None else {}
+    out = export_onnx(model, workdir / name, task=task, validate=False, **extra)
     return model, out / ONNX_FILE_NAME
 
 
@@ -559,6 +561,7 @@ def benchmark_speedup(
     progress: bool = True,
     dense_onnx: str | os.PathLike | None = None,
     slim_onnx: str | os.PathLike | None = None,
+    optimize: str | None = None,
 ) -> SpeedupResult:
     """Measures the ONNX Runtime latency of a dense model and its slim version on the same inputs, interleaved.
 
@@ -594,6 +597,10 @@ def benchmark_speedup(
             (useful when one dense model is compared with several slim ones).
         slim_onnx (`str` or `os.PathLike`, *optional*):
             The same for `slim`.
+        optimize (`str`, *optional*):
+            Optimum's ONNX Runtime optimization level (`"O1"` to `"O3"`) for the models this function exports, e.g.
+            `"O2"` for fused attention and GELU kernels. Fused attention handles per-layer head counts: ONNX Runtime
+            reads each layer's heads from its weights when they disagree with the config.
 
     Returns:
         [`SpeedupResult`]: latencies, speedup, parameters and FLOPs of both models; `str()` gives a markdown table and
@@ -619,8 +626,8 @@ def benchmark_speedup(
 
     with tempfile.TemporaryDirectory(prefix="hf_oto_onnx_") as tmp:
         workdir = Path(tmp)
-        dense_model, dense_path = _prepare(dense, workdir, "dense", task, dense_onnx)
-        slim_model, slim_path = _prepare(slim, workdir, "slim", task, slim_onnx)
+        dense_model, dense_path = _prepare(dense, workdir, "dense", task, dense_onnx, optimize)
+        slim_model, slim_path = _prepare(slim, workdir, "slim", task, slim_onnx, optimize)
         max_positions = getattr(dense_model.config, "max_position_embeddings", None)
         if max_positions is not None and seq_length > max_positions:
             raise ValueError(

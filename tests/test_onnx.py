@@ -76,6 +76,13 @@ def test_export_loads_with_ort_model_and_matches(tmp_path, name, task):
     _ort_outputs_match(slim, directory, task)
 
 
+def test_optimized_export_with_fused_attention_matches(tmp_path):
+    # Optimum's optimizer passes the config's head count; ORT must fall back to each pruned layer's own heads.
+    _, slim = _slim("bert-base-model", empty_ffn_layer=None)
+    directory = export_onnx(slim, tmp_path / "onnx", task="feature-extraction", optimize="O2")  # validates outputs
+    _ort_outputs_match(slim, directory, "feature-extraction")
+
+
 def test_with_past_on_pruned_decoder_is_refused(tmp_path):
     _, slim = _slim("llama")
     with pytest.raises(ValueError, match="per-layer cache sizes"):
