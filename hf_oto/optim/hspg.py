@@ -374,16 +374,22 @@ class HSPG(Optimizer):
         if half_space and members:
             keep = self._half_space_keep(members, family_squared, family_size, inverse_norm)
 
-        # Phase C: update the penalised members, zero the dropped groups and their optimizer state.
-        has_zero: dict[int, bool] = {}
+        # Phase C: update the penalised members, then zero the rows of the dropped groups (new and old) in the
+        # parameters and in the optimizer state. Indices come from one `nonzero` over all families: the only host
+        # syncs of a step, and the cost of the zeroing is proportional to the number of zero groups.
+        zero_rows: dict[int, torch.Tensor] = {}
         if keep:
             families = sorted(keep)
-            flags = torch.stack([~keep[family].all() for family in families]).tolist()  # one host sync per step
-            has_zero = dict(zip(families, flags))
+            dropped = torch.cat([~keep[family] for family in families])
+            counts = torch.stack([(~keep[family]).sum() for family in families]).tolist()
+            if sum(counts):
+                starts = torch.tensor([0] + [family_size[f] for f in families[:-1]]).cumsum(0).tolist()
+                indices = dropped.nonzero().squeeze(1).split(counts)
+                for family, start, index, size in zip(families, starts, indices, counts):
+                    if size:
+                        zero_rows[family] = index - start
         for member in members:
-            self._apply(
-                member, inverse_norm[member.family], keep.get(member.family), has_zero.get(member.family, False)
-            )
+            self._apply(member, inverse_norm[member.family], zero_rows.get(member.family))
 
         for group in self.param_groups:
             group["step_count"] = count + 1
@@ -455,7 +461,7 @@ class HSPG(Optimizer):
         if penalised:
             # The half-space test needs d^T x: materialise the direction; otherwise update with addcdiv as torch.
             if half_space:
-                directions = torch._foreach_div([exp_avgs[i] for i in penalised], [denominators[i] for i in penalised])
+                directions = [torch.div(exp_avgs[i], denominators[i], out=denominators[i]) for i in penalised]
             for position, i in enumerate(penalised):
                 record = records[i]
                 if half_space:
@@ -570,45 +576,32 @@ class HSPG(Optimizer):
                 start += family_size[f]
         return {f: nonzero[f] & ~candidates[f] for f in families}
 
-    def _apply(self, member: _Member, inverse_norm: torch.Tensor, keep: torch.Tensor | None, has_zero: bool) -> None:
-        """x <- x - lr * d on one penalised member, then the zeroing of the dropped groups."""
+    def _apply(self, member: _Member, inverse_norm: torch.Tensor, zero_rows: torch.Tensor | None) -> None:
+        """x <- x - lr * d on one penalised member, then the zeroing of the groups `zero_rows`."""
         group, param, dim, num_groups = member.group, member.param, member.dim, member.num_groups
         lr = group["lr"]
         grouped = _grouped(param, dim, num_groups)
-        direction = None if member.direction is None else _grouped(member.direction, dim, num_groups)
-        keep_values = None
-        if has_zero:
-            keep_values = keep.to(param.dtype)
         if group["variant"] == "adamw":
-            # x <- (1 - lr * weight_decay - lr * lmbda / ||x_g||) * x - lr / bc1 * dir, zero rows of dropped groups
+            # x <- (1 - lr * weight_decay - lr * lmbda / ||x_g||) * x - lr / bc1 * dir
             base = 1 - lr * group["weight_decay"]
-            shrink = base - (lr * group["lmbda"]) * inverse_norm if group["lmbda"] != 0 else None
-            if keep_values is not None:
-                shrink = keep_values * (base if shrink is None else shrink.to(param.dtype))
-                grouped.mul_(_per_group(shrink, grouped, dim))
-                step = (-lr * member.direction_scale) * keep_values
-                grouped.addcmul_(direction, _per_group(step, grouped, dim))
+            if group["lmbda"] != 0:
+                shrink = base - (lr * group["lmbda"]) * inverse_norm
+                grouped.mul_(_per_group(shrink.to(param.dtype), grouped, dim))
+            elif base != 1:
+                param.mul_(base)
+            if member.direction is None:
+                param.addcdiv_(member.exp_avg, member.denominator, value=-lr * member.direction_scale)
             else:
-                if shrink is not None:
-                    grouped.mul_(_per_group(shrink.to(param.dtype), grouped, dim))
-                elif base != 1:
-                    grouped.mul_(base)
-                if direction is None:
-                    param.addcdiv_(member.exp_avg, member.denominator, value=-lr * member.direction_scale)
-                else:
-                    grouped.add_(direction, alpha=-lr * member.direction_scale)
+                param.add_(member.direction, alpha=-lr * member.direction_scale)
         else:
-            if keep_values is not None:
-                grouped.mul_(_per_group(keep_values, grouped, dim))
-                grouped.addcmul_(direction, _per_group(-lr * keep_values, grouped, dim))
-            else:
-                grouped.add_(direction, alpha=-lr)
-        if keep_values is not None:
+            param.add_(member.direction, alpha=-lr)
+        if zero_rows is not None:
+            axis = 0 if dim == 0 else dim
+            grouped.index_fill_(axis, zero_rows, 0)
             for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
                 buffer = member.state.get(key)
                 if buffer is not None:
-                    buffered = _grouped(buffer, dim, num_groups)
-                    buffered.mul_(_per_group(keep_values, buffered, dim))
+                    _grouped(buffer, dim, num_groups).index_fill_(axis, zero_rows, 0)
 
 
 def _materialise(params: Any) -> list[dict[str, Any]] | list[torch.Tensor]:
