@@ -47,10 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_pair(args, variant: str, stage: str):
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(num_hidden_layers=args.layers))
-    twin = copy.deepcopy(model)
+def make_pair(args, base: torch.nn.Module, variant: str, stage: str):
+    model = copy.deepcopy(base)
+    twin = copy.deepcopy(base)
     zigs = build_zigs(model)
     if stage == "half_space+zeros":
         zigs.set_zero(zigs.random_zero_mask(args.zero_fraction, generator=torch.Generator().manual_seed(0)))
@@ -65,9 +64,7 @@ def make_pair(args, variant: str, stage: str):
         hspg = HSPG(model.parameters(), zigs, lr=1e-5, lmbda=1e-3, weight_decay=0.01, init_steps=init_steps)
         reference = torch.optim.AdamW(twin.parameters(), lr=1e-5, weight_decay=0.01, foreach=True)
     else:
-        hspg = HSPG(
-            model.parameters(), zigs, lr=1e-5, lmbda=1e-3, variant="sgd", momentum=0.9, init_steps=init_steps
-        )
+        hspg = HSPG(model.parameters(), zigs, lr=1e-5, lmbda=1e-3, variant="sgd", momentum=0.9, init_steps=init_steps)
         reference = torch.optim.SGD(twin.parameters(), lr=1e-5, momentum=0.9, foreach=True)
     return model, hspg, reference, zigs
 
@@ -91,10 +88,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(num_hidden_layers=args.layers))
     rows = []
     for variant, reference_name in (("adamw", "AdamW(foreach)"), ("sgd", "SGD(momentum=0.9, foreach)")):
         for stage in ("initialization", "half_space", "half_space+zeros"):
-            model, hspg, reference, zigs = make_pair(args, variant, stage)
+            model, hspg, reference, zigs = make_pair(args, base, variant, stage)
             hspg_time, reference_time = time_pair(hspg, reference, args)
             rows.append(
                 dict(
@@ -108,7 +107,7 @@ def main(argv=None) -> dict:
                 )
             )
             del model, hspg, reference, zigs
-    num_params = sum(p.numel() for p in BertModel(BertConfig(num_hidden_layers=args.layers)).parameters())
+    num_params = sum(p.numel() for p in base.parameters())
     result = dict(
         model=f"BertModel(BertConfig(num_hidden_layers={args.layers}))",
         num_parameters=num_params,
@@ -117,7 +116,9 @@ def main(argv=None) -> dict:
         repeats=args.repeats,
         rows=rows,
     )
-    print(f"{result['model']}: {num_params / 1e6:.1f}M parameters, {result['threads']} threads, torch {torch.__version__}")
+    print(
+        f"{result['model']}: {num_params / 1e6:.1f}M parameters, {result['threads']} threads, torch {torch.__version__}"
+    )
     print()
     print("| HSPG variant | reference | stage | HSPG ms/step | reference ms/step | ratio | group sparsity |")
     print("|---|---|---|---:|---:|---:|---:|")
