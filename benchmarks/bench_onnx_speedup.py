@@ -66,6 +66,9 @@ class BenchmarkArguments:
     optimize: str | None = field(
         default=None, metadata={"help": "Optimum ORT optimization level of the exports (O1, O2, O3); none by default."}
     )
+    allow_spinning: bool = field(
+        default=False, metadata={"help": "Let ORT intra-op threads spin between operators (ORT's own default)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the choice of zero groups."})
     output_json: str | None = field(default=None, metadata={"help": "Write all rows as JSON here."})
 
@@ -161,7 +164,8 @@ def main() -> list[dict]:
     rows: list[dict] = []
     extra = {"optimize": args.optimize} if args.optimize else {}
     started = time.time()
-    print(f"load average before: {load_average()} (cores: {os.cpu_count()})", flush=True)
+    load_start = load_average()
+    print(f"load average before: {load_start} (cores: {os.cpu_count()})", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
         for model_name in args.models.split(","):
             dense = build_model(model_name)
@@ -185,6 +189,7 @@ def main() -> list[dict]:
                             repeats=repeats,
                             dense_onnx=dense_onnx,
                             slim_onnx=slim_onnx,
+                            allow_spinning=args.allow_spinning,
                         )
                         row = {
                             "model": model_name,
@@ -209,6 +214,8 @@ def main() -> list[dict]:
         meta = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "threads": args.threads,
+            "allow_spinning": args.allow_spinning,
+            "load_average_start": load_start,
             "load_average_end": load_average(),
             "git_commit": _git_commit(),
         }

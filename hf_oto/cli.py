@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_non_negative_int, default=5, help="Untimed rounds first.")
     bench.add_argument("--task", default=None, help="Optimum export task (inferred from the model class if unset).")
     bench.add_argument("--optimize", default=None, choices=["O1", "O2", "O3"], help="Optimum ORT optimization level.")
+    bench.add_argument(
+        "--allow_spinning", action="store_true", help="Let ORT threads spin between operators (ORT's default)."
+    )
     bench.add_argument("--json", type=Path, default=None, help="Also write the result as JSON to this file.")
     bench.add_argument("--no_progress", action="store_true", help="Hide the progress bar.")
 
@@ -100,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             task=args.task,
             progress=not args.no_progress,
             optimize=args.optimize,
+            allow_spinning=args.allow_spinning,
         )
         result.dense_name, result.slim_name = str(args.dense_dir), str(args.slim_dir)
         print(result)

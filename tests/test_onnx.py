@@ -102,6 +102,19 @@ def test_export_subfolder_and_bad_input(tmp_path):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "other")
 
 
+def test_save_pruned_model_with_onnx_subfolder(tmp_path):
+    import inspect
+
+    from hf_oto.modeling import save_pruned_model
+
+    if "export_onnx" not in inspect.signature(save_pruned_model).parameters:
+        pytest.skip("save_pruned_model has no export_onnx argument yet")
+    _, slim = _slim("bert")
+    save_pruned_model(slim, tmp_path, export_onnx=True)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "onnx" / "model.onnx").is_file()
+    _ort_outputs_match(slim, tmp_path / "onnx", "text-classification")
+
+
 def test_benchmark_speedup_on_objects():
     dense, slim = _slim("bert", empty_heads_layer=None, empty_ffn_layer=None)
     result = benchmark_speedup(dense, slim, batch_size=2, seq_length=16, warmup=1, repeats=3, progress=False)
@@ -151,6 +164,11 @@ def test_cli_benchmark_on_saved_folders(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"| {tmp_path / 'dense'} |" in printed and "speedup" in printed
     data = json.loads(out.read_text())
-    assert data["repeats"] == 2 and data["num_threads"] == 1 and data["slim_params"] == count_parameters(slim)
+    assert (
+        data["repeats"] == 2
+        and data["num_threads"] == 1
+        and data["allow_spinning"] is False
+        and data["slim_params"] == count_parameters(slim)
+    )
     with mock.patch.object(sys, "argv", [*argv[:4], "--repeats", "0"]), pytest.raises(SystemExit):
         cli.main()
