@@ -162,7 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
         oto_max_group_sparsity=args.oto_max_group_sparsity,
     )
     trainer = OTOTrainer(
-        model=fresh_model(), args=oto_args, train_dataset=train, eval_dataset=test, data_collator=collator
+        model=fresh_model(),
+        args=oto_args,
+        train_dataset=train,
+        eval_dataset=test,
+        data_collator=collator,
+        processing_class=tokenizer,
     )
     trainer.train()
     sparse_accuracy = accuracy(trainer.model, test, collator)
