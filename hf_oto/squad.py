@@ -117,11 +117,9 @@ def read_squad_file(path: str | os.PathLike) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------------------
 # Features
 # ----------------------------------------------------------------------------------------------------------------
-def prepare_train_features(examples, tokenizer, max_seq_length: int, doc_stride: int, pad_to_max_length: bool = True):
-    """Tokenizes question/context pairs into overlapping windows and labels each with the answer's token span.
-
-    Windows that do not contain the answer point at the CLS token (index 0), as in BERT's SQuAD recipe.
-    """
+def _tokenize_windows(examples, tokenizer, max_seq_length: int, doc_stride: int, pad_to_max_length: bool):
+    """Question/context pairs as overlapping windows of the context; returns the encoding and the context's
+    sequence index (1 when the tokenizer pads on the right and the question comes first)."""
     pad_right = tokenizer.padding_side == "right"
     questions = [question.lstrip() for question in examples["question"]]
     tokenized = tokenizer(
@@ -134,10 +132,18 @@ def prepare_train_features(examples, tokenizer, max_seq_length: int, doc_stride:
         return_offsets_mapping=True,
         padding="max_length" if pad_to_max_length else False,
     )
+    return tokenized, 1 if pad_right else 0
+
+
+def prepare_train_features(examples, tokenizer, max_seq_length: int, doc_stride: int, pad_to_max_length: bool = True):
+    """Tokenizes question/context pairs into overlapping windows and labels each with the answer's token span.
+
+    Windows that do not contain the answer point at the CLS token (index 0), as in BERT's SQuAD recipe.
+    """
+    tokenized, context_index = _tokenize_windows(examples, tokenizer, max_seq_length, doc_stride, pad_to_max_length)
     sample_mapping = tokenized.pop("overflow_to_sample_mapping")
     offset_mapping = tokenized.pop("offset_mapping")
     tokenized["start_positions"], tokenized["end_positions"] = [], []
-    context_index = 1 if pad_right else 0
     for i, offsets in enumerate(offset_mapping):
         input_ids = tokenized["input_ids"][i]
         cls_index = input_ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in input_ids else 0
@@ -170,20 +176,8 @@ def prepare_train_features(examples, tokenizer, max_seq_length: int, doc_stride:
 
 def prepare_eval_features(examples, tokenizer, max_seq_length: int, doc_stride: int, pad_to_max_length: bool = True):
     """Tokenizes evaluation examples into windows that keep their example id and the context's offsets."""
-    pad_right = tokenizer.padding_side == "right"
-    questions = [question.lstrip() for question in examples["question"]]
-    tokenized = tokenizer(
-        questions if pad_right else examples["context"],
-        examples["context"] if pad_right else questions,
-        truncation="only_second" if pad_right else "only_first",
-        max_length=max_seq_length,
-        stride=doc_stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-        padding="max_length" if pad_to_max_length else False,
-    )
+    tokenized, context_index = _tokenize_windows(examples, tokenizer, max_seq_length, doc_stride, pad_to_max_length)
     sample_mapping = tokenized.pop("overflow_to_sample_mapping")
-    context_index = 1 if pad_right else 0
     tokenized["example_id"] = []
     for i in range(len(tokenized["input_ids"])):
         sequence_ids = tokenized.sequence_ids(i)

@@ -140,43 +140,36 @@ def main(argv: list[str] | None = None) -> dict:
     )
     max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
 
+    def featurize(split: str, max_samples: int | None, prepare, desc: str):
+        examples = raw[split]
+        if max_samples is not None:
+            examples = examples.select(range(min(max_samples, len(examples))))
+        with training_args.main_process_first(desc=f"{split} dataset map pre-processing"):
+            features = examples.map(
+                prepare,
+                fn_kwargs={
+                    "tokenizer": tokenizer,
+                    "max_seq_length": max_seq_length,
+                    "doc_stride": data_args.doc_stride,
+                },
+                batched=True,
+                num_proc=data_args.preprocessing_num_workers,
+                remove_columns=examples.column_names,
+                desc=desc,
+            )
+        if len(features) == 0:
+            raise ValueError(f"The {split} split is empty after filtering and tokenization.")
+        return examples, features
+
     train_dataset = eval_examples = eval_dataset = None
     if training_args.do_train:
-        train_examples = raw["train"]
-        if data_args.max_train_samples is not None:
-            train_examples = train_examples.select(range(min(data_args.max_train_samples, len(train_examples))))
-        with training_args.main_process_first(desc="train dataset map pre-processing"):
-            train_dataset = train_examples.map(
-                prepare_train_features,
-                fn_kwargs={
-                    "tokenizer": tokenizer,
-                    "max_seq_length": max_seq_length,
-                    "doc_stride": data_args.doc_stride,
-                },
-                batched=True,
-                num_proc=data_args.preprocessing_num_workers,
-                remove_columns=train_examples.column_names,
-                desc="Tokenizing the training set",
-            )
-        if len(train_dataset) == 0:
-            raise ValueError("The training set is empty after filtering and tokenization.")
+        _, train_dataset = featurize(
+            "train", data_args.max_train_samples, prepare_train_features, "Tokenizing the training set"
+        )
     if training_args.do_eval:
-        eval_examples = raw["validation"]
-        if data_args.max_eval_samples is not None:
-            eval_examples = eval_examples.select(range(min(data_args.max_eval_samples, len(eval_examples))))
-        with training_args.main_process_first(desc="validation dataset map pre-processing"):
-            eval_dataset = eval_examples.map(
-                prepare_eval_features,
-                fn_kwargs={
-                    "tokenizer": tokenizer,
-                    "max_seq_length": max_seq_length,
-                    "doc_stride": data_args.doc_stride,
-                },
-                batched=True,
-                num_proc=data_args.preprocessing_num_workers,
-                remove_columns=eval_examples.column_names,
-                desc="Tokenizing the validation set",
-            )
+        eval_examples, eval_dataset = featurize(
+            "validation", data_args.max_eval_samples, prepare_eval_features, "Tokenizing the validation set"
+        )
 
     trainer = OTOTrainer(
         model=model,

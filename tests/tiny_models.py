@@ -50,6 +50,16 @@ DECODER_KWARGS = dict(
     intermediate_size=37,
     max_position_embeddings=64,
 )
+DISTILBERT_KWARGS = dict(
+    vocab_size=99,
+    dim=32,
+    n_layers=3,
+    n_heads=4,
+    hidden_dim=37,
+    max_position_embeddings=64,
+    dropout=0.0,
+    attention_dropout=0.0,
+)
 
 
 def _encoder(config_class, model_class, **extra):
@@ -65,30 +75,8 @@ TINY_MODEL_FACTORIES = {
     "xlm-roberta": lambda: _encoder(XLMRobertaConfig, XLMRobertaForSequenceClassification, pad_token_id=1),
     "electra": lambda: _encoder(ElectraConfig, ElectraForSequenceClassification, embedding_size=16),
     "electra-qa": lambda: _encoder(ElectraConfig, ElectraForQuestionAnswering, embedding_size=16),
-    "distilbert": lambda: DistilBertForSequenceClassification(
-        DistilBertConfig(
-            vocab_size=99,
-            dim=32,
-            n_layers=3,
-            n_heads=4,
-            hidden_dim=37,
-            max_position_embeddings=64,
-            dropout=0.0,
-            attention_dropout=0.0,
-        )
-    ),
-    "distilbert-qa": lambda: DistilBertForQuestionAnswering(
-        DistilBertConfig(
-            vocab_size=99,
-            dim=32,
-            n_layers=3,
-            n_heads=4,
-            hidden_dim=37,
-            max_position_embeddings=64,
-            dropout=0.0,
-            attention_dropout=0.0,
-        )
-    ),
+    "distilbert": lambda: DistilBertForSequenceClassification(DistilBertConfig(**DISTILBERT_KWARGS)),
+    "distilbert-qa": lambda: DistilBertForQuestionAnswering(DistilBertConfig(**DISTILBERT_KWARGS)),
     "vit": lambda: ViTForImageClassification(
         ViTConfig(
             image_size=16,
