@@ -124,7 +124,20 @@ def _aliases(model: nn.Module) -> dict[str, set[str]]:
     return {name: names for names in by_tensor.values() if len(names) > 1 for name in names}
 
 
-def load_pruned_model(directory: str | os.PathLike, auto_class: type = AutoModel, **kwargs: Any) -> PreTrainedModel:
+def _resolve_folder(directory: str | os.PathLike, revision: str | None) -> Path:
+    """A local folder as is; anything else is taken as a Hub repo id and downloaded (weights, config, tokenizer)."""
+    path = Path(directory)
+    if path.is_dir() or os.path.isabs(str(directory)) or str(directory).startswith("."):
+        return path
+    from huggingface_hub import snapshot_download
+
+    logger.info(f"{str(directory)!r} is not a local folder: downloading it from the Hub.")
+    return Path(snapshot_download(str(directory), revision=revision, ignore_patterns=["onnx/*", "*.onnx"]))
+
+
+def load_pruned_model(
+    directory: str | os.PathLike, auto_class: type = AutoModel, *, revision: str | None = None, **kwargs: Any
+) -> PreTrainedModel:
     """Loads a checkpoint written by [`save_pruned_model`] into a slim model with the same outputs.
 
     Builds the dense model from `config.json` (`auto_class.from_config`), reshapes it to the recorded `oto_layout`
@@ -132,10 +145,12 @@ def load_pruned_model(directory: str | os.PathLike, auto_class: type = AutoModel
 
     Args:
         directory (`str` or `os.PathLike`):
-            The folder written by [`save_pruned_model`].
+            The folder written by [`save_pruned_model`], or the id of a Hub repository holding one.
         auto_class (`type`, *optional*, defaults to `AutoModel`):
             An `AutoModel*` class (e.g. `AutoModelForQuestionAnswering`) or a concrete model class
             (e.g. `BertForQuestionAnswering`).
+        revision (`str`, *optional*):
+            Branch, tag or commit of a Hub repository.
         kwargs:
             Passed on to `from_config` (e.g. `attn_implementation="eager"`).
 
@@ -151,7 +166,7 @@ def load_pruned_model(directory: str | os.PathLike, auto_class: type = AutoModel
     >>> model = load_pruned_model("my-pruned-bert", AutoModelForSequenceClassification)  # doctest: +SKIP
     ```
     """
-    directory = Path(directory)
+    directory = _resolve_folder(directory, revision)
     if not (directory / "config.json").is_file():
         raise ValueError(
             f"No config.json in {str(directory)!r}: load_pruned_model needs a folder written by `save_pruned_model`."

@@ -169,3 +169,21 @@ def test_torch_serialization_and_tokenizer(tmp_path):
     inputs = BertTokenizerFast.from_pretrained(folder)(["w1 w2 w3", "w5"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(main_output(loaded(**inputs)), main_output(slim(**inputs)), atol=0, rtol=0)
+
+
+def test_a_hub_repo_id_is_downloaded_then_loaded(tmp_path, monkeypatch):
+    slim = pruned("bert")
+    save_pruned_model(slim, tmp_path / "snapshot")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, ignore_patterns=None):
+        calls.append((repo_id, revision, ignore_patterns))
+        return str(tmp_path / "snapshot")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    reloaded = load_pruned_model("me/tiny-bert-oto", AutoModelForSequenceClassification, revision="v1")
+    assert calls == [("me/tiny-bert-oto", "v1", ["onnx/*", "*.onnx"])]
+    inputs = tiny_inputs(slim)
+    torch.testing.assert_close(reloaded(**inputs).logits, slim(**inputs).logits, rtol=0, atol=0)
