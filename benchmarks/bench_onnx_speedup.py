@@ -56,7 +56,7 @@ class BenchmarkArguments:
     fractions: str = field(default="0.25,0.5,0.67", metadata={"help": "Shares of heads and FFN rows to zero."})
     shapes: str = field(default="1x128,8x384", metadata={"help": "Comma-separated batch x sequence length."})
     repeats_small: int = field(default=20, metadata={"help": "Timed rounds at shapes under 1024 tokens."})
-    repeats_large: int = field(default=3, metadata={"help": "Timed rounds at shapes of 1024 tokens or more."})
+    repeats_large: int = field(default=5, metadata={"help": "Timed rounds at shapes of 1024 tokens or more."})
     warmup: int = field(default=1, metadata={"help": "Untimed rounds before each measurement."})
     threads: int = field(default=2, metadata={"help": "ONNX Runtime intra-op threads."})
     ffn_multiple: int = field(
