@@ -1,0 +1,202 @@
+"""End-to-end test of scripts/run_text_classification_oto.py on tiny local CSV/JSONL files, and of its input checks."""
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizerFast
+
+from hf_oto import load_pruned_model
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_text_classification_oto.py"
+
+SUBJECTS = ["the movie", "this film", "the plot", "the acting"]
+POSITIVE = ["great", "wonderful", "good", "lovely", "brilliant"]
+NEGATIVE = ["awful", "boring", "bad", "terrible", "dull"]
+COMMON_ARGS = [
+    "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+    "--max_steps", "12", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+    "--oto_lambda", "10", "--oto_init_steps", "4",
+    "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_text_classification_oto", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def reviews() -> list[dict]:
+    """40 one-line movie reviews with string sentiment labels, positive and negative interleaved."""
+    rows = []
+    for subject in SUBJECTS:
+        for good, bad in zip(POSITIVE, NEGATIVE):
+            rows.append({"sentence": f"{subject} was {good} .", "sentiment": "positive"})
+            rows.append({"sentence": f"{subject} was {bad} .", "sentiment": "negative"})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_tiny_classifier(directory: Path) -> Path:
+    """A tiny BERT encoder (the classification head is created by the script) and a word-level tokenizer."""
+    words = sorted({word for row in reviews() for word in row["sentence"].split()} | {"?"})
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=5 + len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_classifier(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def test_csv_string_labels_end_to_end(tmp_path, model_dir):
+    module = load_script()
+    rows = reviews()
+    train = write_csv(tmp_path / "train.csv", rows)
+    validation = write_csv(tmp_path / "validation.csv", rows[:16])
+    test = write_csv(tmp_path / "test.csv", [{"sentence": row["sentence"]} for row in rows[:6]])
+    output_dir = tmp_path / "out"
+    argv = [
+        "--model_name_or_path", str(model_dir),
+        "--train_file", str(train), "--validation_file", str(validation), "--test_file", str(test),
+        "--text_column_name", "sentence", "--label_column_name", "sentiment",
+        "--output_dir", str(output_dir), "--do_train", "--do_eval", "--do_predict", *COMMON_ARGS,
+    ]  # fmt: skip
+    results, trainer = module.run(*module.parse_arguments(argv))
+
+    written = json.loads((output_dir / "all_results.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    assert written["labels"] == ["negative", "positive"]
+    for key in (
+        "eval_accuracy", "eval_f1", "eval_loss", "train_loss", "group_sparsity", "group_sparsity_heads",
+        "group_sparsity_ffn", "group_sparsity_by_family", "zero_groups", "num_groups", "params", "flops",
+        "dense_params", "dense_flops", "params_ratio", "flops_ratio", "pruned_model_dir",
+    ):  # fmt: skip
+        assert key in written, key
+    assert 0.0 <= written["eval_accuracy"] <= 1.0 and 0.0 <= written["eval_f1"] <= 1.0
+    assert written["eval_samples"] == 16 and written["train_samples"] == 40 and written["predict_samples"] == 6
+    assert written["zero_groups"] > 0, "λ=10 at lr 1e-2 must zero groups in 8 half-space steps"
+    assert 0.0 < written["group_sparsity"] <= 1.0
+    assert written["params"] < written["dense_params"] and written["flops"] < written["dense_flops"]
+    assert written["params_ratio"] == pytest.approx(written["params"] / written["dense_params"])
+    assert len(written["group_sparsity_by_family"]) == 4  # heads and ffn of 2 layers
+    predictions = (output_dir / "predict_results.txt").read_text().splitlines()
+    assert predictions[0] == "index\tprediction" and len(predictions) == 7
+    assert {line.split("\t")[1] for line in predictions[1:]} <= {"negative", "positive"}
+
+    pruned = Path(written["pruned_model_dir"])
+    assert pruned == output_dir / "pruned"
+    for name in ("config.json", "model.safetensors", "README.md", "tokenizer.json"):
+        assert (pruned / name).is_file(), name
+    reloaded = load_pruned_model(pruned, auto_class=AutoModelForSequenceClassification)
+    assert reloaded.config.id2label == {0: "negative", 1: "positive"}
+    assert sum(p.numel() for p in reloaded.parameters()) == written["params"]
+    slim = trainer.model.eval()
+    reloaded.eval()
+    batch = trainer.processing_class([row["sentence"] for row in rows[:8]], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, slim(**batch).logits)
+
+
+def test_jsonl_sentence_pairs_integer_labels(tmp_path, model_dir):
+    rows = [
+        {"first": row["sentence"], "second": "the plot was good .", "label": int(row["sentiment"] == "positive")}
+        for row in reviews()
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    output_dir = tmp_path / "out"
+    results = load_script().main(
+        [
+            "--model_name_or_path", str(model_dir), "--train_file", str(data), "--validation_file", str(data),
+            "--text_column_name", "first", "--text_pair_column_name", "second", "--max_eval_samples", "8",
+            "--pruned_model_dir", str(tmp_path / "slim"), "--pad_to_max_length",
+            "--output_dir", str(output_dir), "--do_train", "--do_eval", *COMMON_ARGS,
+        ]
+    )  # fmt: skip
+    assert results["labels"] == ["0", "1"] and results["eval_samples"] == 8
+    assert results["zero_groups"] > 0 and results["params"] < results["dense_params"]
+    assert (tmp_path / "slim" / "README.md").is_file() and results["pruned_model_dir"] == str(tmp_path / "slim")
+
+
+def _main_error(tmp_path, model_dir, *extra):
+    argv = ["--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "o"), "--do_train", "--do_eval"]
+    return load_script().main([*argv, *extra, "--report_to", "none", "--use_cpu"])
+
+
+def test_missing_label_column_names_the_columns(tmp_path, model_dir):
+    data = write_csv(tmp_path / "train.csv", reviews())
+    with pytest.raises(
+        ValueError, match=r"no column 'label' \(--label_column_name\); its columns are: sentence, sentiment"
+    ):
+        _main_error(tmp_path, model_dir, "--train_file", str(data), "--validation_file", str(data))
+
+
+def test_missing_text_column_names_the_columns(tmp_path, model_dir):
+    data = write_csv(tmp_path / "train.csv", reviews())
+    with pytest.raises(ValueError, match=r"no column 'review' \(--text_column_name\); its columns are: sentence"):
+        _main_error(
+            tmp_path, model_dir, "--train_file", str(data), "--validation_file", str(data),
+            "--text_column_name", "review", "--label_column_name", "sentiment",
+        )  # fmt: skip
+
+
+def test_unknown_extension(tmp_path, model_dir):
+    data = tmp_path / "train.parquet"
+    data.write_text("x")
+    with pytest.raises(ValueError, match=r"--train_file .*train\.parquet' has an unknown extension '\.parquet'"):
+        _main_error(tmp_path, model_dir, "--train_file", str(data))
+
+
+def test_unseen_validation_label(tmp_path, model_dir):
+    rows = reviews()
+    train = write_csv(tmp_path / "train.csv", rows)
+    validation = write_csv(
+        tmp_path / "validation.csv", [*rows[:4], {"sentence": "the plot was dull .", "sentiment": "mixed"}]
+    )
+    with pytest.raises(ValueError, match=r"labels that the training data never has: \['mixed'\]"):
+        _main_error(
+            tmp_path, model_dir, "--train_file", str(train), "--validation_file", str(validation),
+            "--label_column_name", "sentiment",
+        )  # fmt: skip
+
+
+def test_empty_training_set(tmp_path, model_dir):
+    rows = [{"sentence": "", "sentiment": "positive"}, {"sentence": "  ", "sentiment": "negative"}]
+    train = write_csv(tmp_path / "train.csv", rows)
+    with pytest.raises(ValueError, match="The train split is empty"):
+        _main_error(
+            tmp_path, model_dir, "--train_file", str(train), "--validation_file", str(train),
+            "--label_column_name", "sentiment",
+        )  # fmt: skip
