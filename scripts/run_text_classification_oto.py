@@ -7,7 +7,8 @@ writes its test-set predictions, the pruned model folder with its model card and
 sparsity, params and FLOPs of the dense and the slim model).
 
 Labels may be strings or integers: the label set is the sorted set of the training labels, written into the model
-config as `label2id`/`id2label`. A validation label that training never saw is an error.
+config as `label2id`/`id2label` (with the class names of a `ClassLabel` column, as in GLUE). A validation label that
+training never saw is an error. Rows with a missing or empty text or label are dropped.
 
 Usage:
 
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -221,6 +222,15 @@ def build_label_list(train: Dataset, label_column: str) -> list:
         return sorted(labels, key=str)
 
 
+def label_names(dataset: Dataset, label_column: str, label_list: list) -> list[str]:
+    """The names of the labels in the model config: the class names of a `ClassLabel` column (hub datasets such as
+    GLUE), else the labels themselves as strings."""
+    feature = dataset.features.get(label_column)
+    if isinstance(feature, ClassLabel):
+        return [feature.int2str(int(label)) for label in label_list]
+    return [str(label) for label in label_list]
+
+
 def check_labels(split: str, dataset: Dataset, label_column: str, label_to_id: dict) -> None:
     """Raises a `ValueError` listing the labels of `dataset` that training never saw."""
     unseen = {label for label in dataset[label_column] if _label_key(label) not in label_to_id}
@@ -300,7 +310,7 @@ def run(
     label_to_id = {label: index for index, label in enumerate(label_list)}
     if "validation" in splits:
         check_labels("validation", splits["validation"], label_column, label_to_id)
-    id2label = {index: str(label) for index, label in enumerate(label_list)}
+    id2label = dict(enumerate(label_names(splits["train"], label_column, label_list)))
     logger.info(f"{len(label_list)} labels: {id2label}")
 
     tokenizer = AutoTokenizer.from_pretrained(

@@ -150,6 +150,18 @@ def test_jsonl_sentence_pairs_integer_labels(tmp_path, model_dir):
     assert (tmp_path / "slim" / "README.md").is_file() and results["pruned_model_dir"] == str(tmp_path / "slim")
 
 
+def test_label_names_of_a_class_label_column():
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    module = load_script()
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    dataset = Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, 1]}, features=features)
+    labels = module.build_label_list(dataset, "label")
+    assert labels == [0, 1] and module.label_names(dataset, "label", labels) == ["negative", "positive"]
+    plain = Dataset.from_dict({"label": ["b", "a", "b"]})
+    assert module.label_names(plain, "label", module.build_label_list(plain, "label")) == ["a", "b"]
+
+
 def _main_error(tmp_path, model_dir, *extra):
     argv = ["--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "o"), "--do_train", "--do_eval"]
     return load_script().main([*argv, *extra, "--report_to", "none", "--use_cpu"])
