@@ -208,7 +208,7 @@ class ZIGSet:
 
     def sparsity_by_family(self) -> dict[str, float]:
         """Group sparsity of each family (one per layer and kind), keyed by family name."""
-        return {name: float(mask.float().mean()) for name, mask in self.family_zero_masks().items()}
+        return {name: int(mask.sum()) / mask.numel() for name, mask in self.family_zero_masks().items()}
 
     def kept_groups(self) -> dict[str, int]:
         """Number of non-zero groups of each family, keyed by family name."""
