@@ -3,19 +3,22 @@
 Usage:
 
 ```bash
-/work/.venv/bin/python benchmarks/bench_optimizer_step.py                   # BERT-base, 15 timed steps per cell
-/work/.venv/bin/python benchmarks/bench_optimizer_step.py --repeats 31 --output results.json
-/work/.venv/bin/python benchmarks/bench_optimizer_step.py --layers 2         # a quicker, smaller run
+/work/.venv/bin/python benchmarks/bench_optimizer_step.py                     # BERT-base, 1 thread, 41 timed pairs
+/work/.venv/bin/python benchmarks/bench_optimizer_step.py --repeats 61 --threads 2 --output results.json
+/work/.venv/bin/python benchmarks/bench_optimizer_step.py --layers 2 --repeats 11  # a quicker, smaller run
 ```
 
 Each optimizer gets its own copy of the parameters of `BertModel(BertConfig())` (random weights) and the same fixed
-random gradients. Steps of HSPG and of the reference are interleaved (A, B, A, B, ...) so that machine noise hits
-both alike; the table reports the median step time of each and the ratio HSPG / reference. Stages:
+random gradients. Steps of HSPG and of the reference are interleaved one by one, alternating which goes first
+(H, R, R, H, H, R, ...), so that machine noise hits both alike; each pair of consecutive steps gives one ratio
+HSPG / reference. The table reports the median step times and the median ratio with its interquartile range
+(p25-p75) over the pairs. The machine's load average is recorded before and after. Stages:
 
 - `initialization`: subgradient steps (`init_steps` larger than the run);
 - `half_space`: half-space steps, no zero group yet;
 - `half_space+zeros`: half-space steps with `--zero_fraction` of the groups already zero (every family then has zero
-  groups, the worst case: the rows of the zero groups are masked in the parameters and in the optimizer state).
+  groups, the worst case: the rows of the zero groups are refilled with zeros in the parameters and in the optimizer
+  state every step).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -37,10 +41,15 @@ from hf_oto.zig import build_zigs
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=12, help="Number of BERT layers (BERT-base: 12).")
-    parser.add_argument("--repeats", type=int, default=15, help="Timed steps per optimizer and cell.")
+    parser.add_argument("--repeats", type=int, default=41, help="Timed step pairs (HSPG + reference) per cell.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps per optimizer and cell.")
     parser.add_argument("--zero_fraction", type=float, default=0.3, help="Zero groups in the half_space+zeros cell.")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores).")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on shared cores a multi-threaded op waits for its slowest thread).",
+    )
     parser.add_argument(
         "--output", type=str, default=str(Path(__file__).with_name("bench_optimizer_step.json")), help="JSON path."
     )
@@ -69,42 +78,50 @@ def make_pair(args, base: torch.nn.Module, variant: str, stage: str):
     return model, hspg, reference, zigs
 
 
-def time_pair(hspg, reference, args) -> tuple[float, float]:
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+def time_pair(hspg, reference, args) -> dict:
     for _ in range(args.warmup):
         hspg.step()
         reference.step()
     times_h, times_r = [], []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        hspg.step()
-        times_h.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        reference.step()
-        times_r.append(time.perf_counter() - start)
-    return statistics.median(times_h), statistics.median(times_r)
+    for repeat in range(args.repeats):
+        order = ((hspg, times_h), (reference, times_r))
+        for optimizer, times in order if repeat % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+    ratios = [h / r for h, r in zip(times_h, times_r)]
+    return dict(
+        hspg_ms=1e3 * statistics.median(times_h),
+        reference_ms=1e3 * statistics.median(times_r),
+        ratio=statistics.median(ratios),
+        ratio_p25=quantile(ratios, 0.25),
+        ratio_p75=quantile(ratios, 0.75),
+        ratio_of_medians=statistics.median(times_h) / statistics.median(times_r),
+    )
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     torch.manual_seed(0)
     base = BertModel(BertConfig(num_hidden_layers=args.layers))
     rows = []
     for variant, reference_name in (("adamw", "AdamW(foreach)"), ("sgd", "SGD(momentum=0.9, foreach)")):
         for stage in ("initialization", "half_space", "half_space+zeros"):
             model, hspg, reference, zigs = make_pair(args, base, variant, stage)
-            hspg_time, reference_time = time_pair(hspg, reference, args)
+            timing = time_pair(hspg, reference, args)
             rows.append(
-                dict(
-                    variant=variant,
-                    reference=reference_name,
-                    stage=stage,
-                    hspg_ms=1e3 * hspg_time,
-                    reference_ms=1e3 * reference_time,
-                    ratio=hspg_time / reference_time,
-                    group_sparsity=zigs.group_sparsity(),
-                )
+                dict(variant=variant, reference=reference_name, stage=stage, group_sparsity=zigs.group_sparsity())
+                | timing
             )
             del model, hspg, reference, zigs
     num_params = sum(p.numel() for p in base.parameters())
@@ -114,18 +131,28 @@ def main(argv=None) -> dict:
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         repeats=args.repeats,
+        load_average_before=load_before,
+        load_average_after=os.getloadavg(),
+        cpu_count=os.cpu_count(),
         rows=rows,
     )
     print(
-        f"{result['model']}: {num_params / 1e6:.1f}M parameters, {result['threads']} threads, torch {torch.__version__}"
+        f"{result['model']}: {num_params / 1e6:.1f}M parameters, {result['threads']} threads, torch {torch.__version__}, "
+        f"{args.repeats} timed pairs per cell, load average (1/5/15 min) before "
+        f"{'/'.join(f'{v:.1f}' for v in load_before)}, after {'/'.join(f'{v:.1f}' for v in result['load_average_after'])} "
+        f"on {os.cpu_count()} cores"
     )
     print()
-    print("| HSPG variant | reference | stage | HSPG ms/step | reference ms/step | ratio | group sparsity |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print(
+        "| HSPG variant | reference | stage | HSPG ms/step | reference ms/step | ratio (median of pairs) | "
+        "ratio p25-p75 | group sparsity |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
             f"| {row['variant']} | {row['reference']} | {row['stage']} | {row['hspg_ms']:.1f} | "
-            f"{row['reference_ms']:.1f} | {row['ratio']:.2f}x | {row['group_sparsity']:.3f} |"
+            f"{row['reference_ms']:.1f} | {row['ratio']:.2f}x | {row['ratio_p25']:.2f}-{row['ratio_p75']:.2f} | "
+            f"{row['group_sparsity']:.3f} |"
         )
     Path(args.output).write_text(json.dumps(result, indent=2, sort_keys=True))
     return result

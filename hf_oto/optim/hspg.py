@@ -31,6 +31,11 @@ INITIALIZATION = "initialization"
 HALF_SPACE = "half_space"
 
 
+# Elements per block of the fused pass over a penalised parameter: the blocks of its operands stay in the L2 cache
+# between the successive operations on them, so each tensor is streamed from memory about once per step.
+_BLOCK = 1 << 16
+
+
 @dataclass
 class _Member:
     """Working record of one penalised parameter during one `step()` (never stored beyond it)."""
@@ -41,12 +46,7 @@ class _Member:
     num_groups: int
     group: dict[str, Any]
     squared_norm: torch.Tensor  # [num_groups], ||x_{m,g}||^2 at x_k
-    direction: torch.Tensor | None = None  # base direction (adamw: m_hat / (sqrt(v_hat) + eps) without 1/bc1)
-    direction_scale: float = 1.0  # adamw: 1 / bias_correction1; sgd: 1
-    exp_avg: torch.Tensor | None = None  # adamw, while `direction` is not materialised (initialization stage)
-    denominator: torch.Tensor | None = None
-    dot: torch.Tensor | None = None  # [num_groups], direction_g^T x_g
-    state: dict[str, Any] | None = None
+    d_dot_x: torch.Tensor | None = None  # [num_groups], d_{m,g}^T x_{m,g} at x_k (half-space stage only)
 
 
 def _grouped(tensor: torch.Tensor, dim: int, num_groups: int) -> torch.Tensor:
@@ -65,26 +65,52 @@ def _per_group(values: torch.Tensor, grouped: torch.Tensor, dim: int) -> torch.T
     return values.view(shape)
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor, dim: int, num_groups: int) -> torch.Tensor:
-    """`[num_groups]` tensor of the per-group dot products `a_g^T b_g`, accumulated in float32 at least."""
-    dtype = torch.promote_types(a.dtype, torch.float32)
-    if dim == 0:
-        a2, b2 = a.view(num_groups, 1, -1), b.view(num_groups, -1, 1)
-        if a.dtype != dtype:
-            a2, b2 = a2.to(dtype), b2.to(dtype)
-        return torch.bmm(a2, b2).view(num_groups)
-    product = _grouped(a, dim, num_groups).to(dtype) * _grouped(b, dim, num_groups).to(dtype)
-    dims = [d for d in range(product.dim()) if d != dim]
-    return product.sum(dim=dims)
+class _Blocks:
+    """The blocks of whole groups in which one penalised parameter is updated, and views of its tensors by block.
+
+    For `dim == 0` (every member `build_zigs` produces) a block is a range of rows of the `[num_groups, -1]` view
+    holding at most `_BLOCK` elements (at least one group); otherwise the whole grouped tensor is one block.
+    """
+
+    def __init__(self, member: _Member):
+        self.dim, self.num_groups = member.dim, member.num_groups
+        if self.dim == 0:
+            rows = max(1, _BLOCK // max(1, member.param.numel() // max(1, self.num_groups)))
+            self.ranges = [(start, min(start + rows, self.num_groups)) for start in range(0, self.num_groups, rows)]
+        else:
+            self.ranges = [(0, self.num_groups)]
+
+    def view(self, tensor: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+        if self.dim == 0:
+            return tensor.view(self.num_groups, -1)[block[0] : block[1]]
+        return _grouped(tensor, self.dim, self.num_groups)
+
+    def per_group(self, values: torch.Tensor, block: tuple[int, int], view: torch.Tensor) -> torch.Tensor:
+        """`values` (`[num_groups]`) restricted to `block`, shaped to broadcast against `view`."""
+        if self.dim == 0:
+            return values[block[0] : block[1]].unsqueeze(1)
+        return _per_group(values, view, self.dim)
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The per-group dot products `a_g^T b_g` of two block views, accumulated in float32 at least."""
+        if a.dtype not in (torch.float32, torch.float64):
+            a, b = a.float(), b.float()
+        if self.dim == 0:
+            return torch.linalg.vecdot(a, b)
+        return (a * b).sum(dim=[d for d in range(a.dim()) if d != self.dim])
 
 
 def _row_squared_norm(a: torch.Tensor, dim: int, num_groups: int) -> torch.Tensor:
+    """`[num_groups]` tensor of the squared group norms `||a_g||^2`, in float32 at least."""
     if dim == 0:
         view = a.view(num_groups, -1)
         if view.dtype not in (torch.float32, torch.float64):
             view = view.float()
         return torch.linalg.vector_norm(view, dim=1).square()
-    return _row_dot(a, a, dim, num_groups)
+    grouped = _grouped(a, dim, num_groups)
+    if grouped.dtype not in (torch.float32, torch.float64):
+        grouped = grouped.float()
+    return grouped.square().sum(dim=[d for d in range(grouped.dim()) if d != dim])
 
 
 class HSPG(Optimizer):
@@ -362,34 +388,19 @@ class HSPG(Optimizer):
         }
         by_param = {id(member.param): member for member in members}  # local to this call
 
-        # Phase A: base directions; parameters outside the ZIGs are updated right away.
+        # Phase A: the update x <- x - lr * d. Parameters outside the ZIGs take torch's foreach step; each penalised
+        # member is updated in one fused pass over blocks of its groups, which also yields d_g^T x_g at x_k.
         for group in self.param_groups:
             if group["variant"] == "adamw":
-                self._adamw_directions(group, by_param, half_space)
+                self._adamw_step(group, by_param, inverse_norm, half_space)
             else:
-                self._sgd_directions(group, by_param, inverse_norm)
+                self._sgd_step(group, by_param, inverse_norm, half_space)
 
-        # Phase B: the half-space test, per family.
-        keep: dict[int, torch.Tensor] = {}
+        # Phase B: the half-space test per family, from the norms and dot products at x_k; then the rows of the
+        # dropped groups (new and old) are set to zero in the parameters and in the optimizer state.
         if half_space and members:
-            keep = self._half_space_keep(members, family_squared, family_size, inverse_norm)
-
-        # Phase C: update the penalised members, then zero the rows of the dropped groups (new and old) in the
-        # parameters and in the optimizer state. Indices come from one `nonzero` over all families: the only host
-        # syncs of a step, and the cost of the zeroing is proportional to the number of zero groups.
-        zero_rows: dict[int, torch.Tensor] = {}
-        if keep:
-            families = sorted(keep)
-            dropped = torch.cat([~keep[family] for family in families])
-            counts = torch.stack([(~keep[family]).sum() for family in families]).tolist()
-            if sum(counts):
-                starts = torch.tensor([0] + [family_size[f] for f in families[:-1]]).cumsum(0).tolist()
-                indices = dropped.nonzero().squeeze(1).split(counts)
-                for family, start, index, size in zip(families, starts, indices, counts):
-                    if size:
-                        zero_rows[family] = index - start
-        for member in members:
-            self._apply(member, inverse_norm[member.family], zero_rows.get(member.family))
+            keep = self._half_space_keep(members, family_squared, family_size)
+            self._zero_dropped(members, keep, family_size)
 
         for group in self.param_groups:
             group["step_count"] = count + 1
@@ -419,7 +430,13 @@ class HSPG(Optimizer):
             records.append(member)
         return params, grads, records
 
-    def _adamw_directions(self, group: dict[str, Any], by_param: dict[int, _Member], half_space: bool) -> None:
+    def _adamw_step(
+        self,
+        group: dict[str, Any],
+        by_param: dict[int, _Member],
+        inverse_norm: dict[int, torch.Tensor],
+        half_space: bool,
+    ) -> None:
         params, grads, records = self._gather(group, by_param)
         if not params:
             return
@@ -435,6 +452,7 @@ class HSPG(Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
+        # Moments of every parameter, as torch's foreach AdamW.
         torch._foreach_add_(steps, 1.0)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -442,96 +460,159 @@ class HSPG(Optimizer):
         step_values = [step.item() for step in steps]  # CPU scalars, as torch's non-capturable AdamW
         bias_correction1 = [1 - beta1**step for step in step_values]
         bias_correction2_sqrt = [math.sqrt(1 - beta2**step) for step in step_values]
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denominators, bias_correction2_sqrt)
-        torch._foreach_add_(denominators, eps)
 
         plain = [i for i, record in enumerate(records) if record is None]
         if plain:
             plain_params = [params[i] for i in plain]
+            denominators = torch._foreach_sqrt([exp_avg_sqs[i] for i in plain])
+            torch._foreach_div_(denominators, [bias_correction2_sqrt[i] for i in plain])
+            torch._foreach_add_(denominators, eps)
             if weight_decay != 0:
                 torch._foreach_mul_(plain_params, 1 - lr * weight_decay)
             torch._foreach_addcdiv_(
                 plain_params,
                 [exp_avgs[i] for i in plain],
-                [denominators[i] for i in plain],
-                [-lr / bias_correction1[i] for i in plain],
+                denominators,
+                [-(lr / bias_correction1[i]) for i in plain],
             )
-        penalised = [i for i, record in enumerate(records) if record is not None]
-        if penalised:
-            # The half-space test needs d^T x: materialise the direction; otherwise update with addcdiv as torch.
-            if half_space:
-                directions = [torch.div(exp_avgs[i], denominators[i], out=denominators[i]) for i in penalised]
-            for position, i in enumerate(penalised):
-                record = records[i]
-                if half_space:
-                    record.direction = directions[position]
-                else:
-                    record.exp_avg, record.denominator = exp_avgs[i], denominators[i]
-                record.direction_scale = 1.0 / bias_correction1[i]
-                record.state = self.state[params[i]]
+            del denominators
+        for i, record in enumerate(records):
+            if record is not None:
+                self._adamw_member(
+                    record,
+                    exp_avgs[i],
+                    exp_avg_sqs[i],
+                    bias_correction1[i],
+                    bias_correction2_sqrt[i],
+                    inverse_norm[record.family],
+                    half_space,
+                )
 
-    def _sgd_directions(
-        self, group: dict[str, Any], by_param: dict[int, _Member], inverse_norm: dict[int, torch.Tensor]
+    @staticmethod
+    def _adamw_member(
+        member: _Member,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        bias_correction1: float,
+        bias_correction2_sqrt: float,
+        inverse_norm: torch.Tensor,
+        half_space: bool,
+    ) -> None:
+        """x <- (1 - lr * weight_decay - lr * lmbda / ||x_g||) * x - lr / bc1 * m / (sqrt(v / bc2) + eps), by block."""
+        group, param = member.group, member.param
+        lr, weight_decay, lmbda, eps = group["lr"], group["weight_decay"], group["lmbda"], group["eps"]
+        base = 1 - lr * weight_decay
+        shrink = (base - (lr * lmbda) * inverse_norm).to(param.dtype) if lmbda != 0 else None
+        step_size = -(lr / bias_correction1)
+        blocks = _Blocks(member)
+        dots = []
+        for block in blocks.ranges:
+            x = blocks.view(param, block)
+            exp_avg_block = blocks.view(exp_avg, block)
+            denominator = torch.sqrt(blocks.view(exp_avg_sq, block))
+            denominator.div_(bias_correction2_sqrt).add_(eps)
+            if half_space:
+                direction = torch.div(exp_avg_block, denominator, out=denominator)
+                dots.append(blocks.dot(direction, x))
+            if shrink is not None:
+                x.mul_(blocks.per_group(shrink, block, x))
+            elif base != 1:
+                x.mul_(base)
+            if half_space:
+                x.add_(direction, alpha=step_size)
+            else:
+                x.addcdiv_(exp_avg_block, denominator, value=step_size)
+        if half_space:
+            # d = dir / bc1 + (weight_decay + lmbda / ||x_g||) * x  (decoupled terms)
+            dot = torch.cat(dots) if len(dots) > 1 else dots[0]
+            coefficient = weight_decay + lmbda * inverse_norm
+            member.d_dot_x = dot / bias_correction1 + coefficient * member.squared_norm
+
+    def _sgd_step(
+        self,
+        group: dict[str, Any],
+        by_param: dict[int, _Member],
+        inverse_norm: dict[int, torch.Tensor],
+        half_space: bool,
     ) -> None:
         params, grads, records = self._gather(group, by_param)
         if not params:
             return
-        lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
-        lmbda, nesterov = group["lmbda"], group["nesterov"]
-        # nu = grad + weight_decay * x (+ lmbda * zeta for penalised members)
-        nus = list(grads)
-        for i, record in enumerate(records):
-            if record is not None:
-                coefficient = lmbda * inverse_norm[record.family] + weight_decay
-                grouped = _grouped(params[i], record.dim, record.num_groups)
-                nus[i] = torch.addcmul(
-                    _grouped(grads[i], record.dim, record.num_groups),
-                    grouped,
-                    _per_group(coefficient.to(params[i].dtype), grouped, record.dim),
-                ).view_as(params[i])
-        plain = [i for i, record in enumerate(records) if record is None]
-        if weight_decay != 0 and plain:
-            decayed = torch._foreach_add([grads[i] for i in plain], [params[i] for i in plain], alpha=weight_decay)
-            for i, nu in zip(plain, decayed):
-                nus[i] = nu
-        if momentum != 0:
-            new, old = [], []
-            for i, param in enumerate(params):
-                state = self.state[param]
-                if state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.clone(nus[i]).detach()
-                    new.append(i)
-                else:
-                    old.append(i)
-            if old:
-                buffers = [self.state[params[i]]["momentum_buffer"] for i in old]
-                torch._foreach_mul_(buffers, momentum)
-                torch._foreach_add_(buffers, [nus[i] for i in old])
-            buffers = [self.state[param]["momentum_buffer"] for param in params]
-            if nesterov:
-                directions = torch._foreach_add(nus, buffers, alpha=momentum)
-            else:
-                directions = buffers
-        else:
-            directions = nus
+        lr, weight_decay, momentum, nesterov = group["lr"], group["weight_decay"], group["momentum"], group["nesterov"]
         for param in params:
             state = self.state[param]
             state["step"] = state.get("step", torch.tensor(0.0, dtype=torch.float32)) + 1
-        if plain:
-            torch._foreach_add_([params[i] for i in plain], [directions[i] for i in plain], alpha=-lr)
+
+        plain = [i for i, record in enumerate(records) if record is None]
+        if plain:  # torch's foreach SGD
+            plain_params = [params[i] for i in plain]
+            directions = [grads[i] for i in plain]
+            if weight_decay != 0:
+                directions = torch._foreach_add(directions, plain_params, alpha=weight_decay)
+            if momentum != 0:
+                states = [self.state[param] for param in plain_params]
+                if all(state.get("momentum_buffer") is not None for state in states):
+                    buffers = [state["momentum_buffer"] for state in states]
+                    torch._foreach_mul_(buffers, momentum)
+                    torch._foreach_add_(buffers, directions)
+                else:
+                    buffers = []
+                    for state, nu in zip(states, directions):
+                        buffer = state.get("momentum_buffer")
+                        if buffer is None:
+                            buffer = state["momentum_buffer"] = torch.clone(nu).detach()
+                        else:
+                            buffer.mul_(momentum).add_(nu)
+                        buffers.append(buffer)
+                directions = torch._foreach_add(directions, buffers, alpha=momentum) if nesterov else buffers
+            torch._foreach_add_(plain_params, directions, alpha=-lr)
         for i, record in enumerate(records):
             if record is not None:
-                record.direction = directions[i]
-                record.direction_scale = 1.0
-                record.state = self.state[params[i]]
+                self._sgd_member(record, grads[i], self.state[params[i]], inverse_norm[record.family], half_space)
+
+    @staticmethod
+    def _sgd_member(
+        member: _Member,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+        inverse_norm: torch.Tensor,
+        half_space: bool,
+    ) -> None:
+        """nu = grad + (weight_decay + lmbda / ||x_g||) * x, buf = momentum * buf + nu, x <- x - lr * d, by block."""
+        group, param = member.group, member.param
+        lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
+        coefficient = (group["lmbda"] * inverse_norm + group["weight_decay"]).to(param.dtype)
+        buffer, new = None, False
+        if momentum != 0:
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.contiguous_format)
+                new = True
+        blocks = _Blocks(member)
+        dots = []
+        for block in blocks.ranges:
+            x = blocks.view(param, block)
+            nu = torch.addcmul(blocks.view(grad, block), x, blocks.per_group(coefficient, block, x))
+            if buffer is None:
+                direction = nu
+            else:
+                buffer_block = blocks.view(buffer, block)
+                if new:
+                    buffer_block.copy_(nu)
+                else:
+                    buffer_block.mul_(momentum).add_(nu)
+                direction = nu.add_(buffer_block, alpha=momentum) if nesterov else buffer_block
+            if half_space:
+                dots.append(blocks.dot(direction, x))
+            x.add_(direction, alpha=-lr)
+        if half_space:
+            member.d_dot_x = torch.cat(dots) if len(dots) > 1 else dots[0]
 
     def _half_space_keep(
         self,
         members: list[_Member],
         family_squared: dict[int, torch.Tensor],
         family_size: dict[int, int],
-        inverse_norm: dict[int, torch.Tensor],
     ) -> dict[int, torch.Tensor]:
         """Per active family, a boolean `[num_groups]` mask of the groups that stay (non-zero) after this step."""
         # trial[g] = x~_g^T x_g = sum_m ||x_{m,g}||^2 - lr_m * d_{m,g}^T x_{m,g}; test[g] = trial[g] - eps_m ||x_m,g||^2
@@ -539,15 +620,7 @@ class HSPG(Optimizer):
         test: dict[int, torch.Tensor] = {}
         for member in members:
             group = member.group
-            lr = group["lr"]
-            dot = _row_dot(member.direction, member.param, member.dim, member.num_groups)
-            if group["variant"] == "adamw":
-                # d = scale * dir + (weight_decay + lmbda / ||x_g||) * x  (decoupled terms)
-                coefficient = group["weight_decay"] + group["lmbda"] * inverse_norm[member.family]
-                d_dot_x = member.direction_scale * dot + coefficient * member.squared_norm
-            else:
-                d_dot_x = dot
-            member_trial = member.squared_norm - lr * d_dot_x
+            member_trial = member.squared_norm - group["lr"] * member.d_dot_x
             member_test = member_trial - group["epsilon"] * member.squared_norm
             f = member.family
             trial[f] = member_trial if f not in trial else trial[f] + member_trial
@@ -576,32 +649,38 @@ class HSPG(Optimizer):
                 start += family_size[f]
         return {f: nonzero[f] & ~candidates[f] for f in families}
 
-    def _apply(self, member: _Member, inverse_norm: torch.Tensor, zero_rows: torch.Tensor | None) -> None:
-        """x <- x - lr * d on one penalised member, then the zeroing of the groups `zero_rows`."""
-        group, param, dim, num_groups = member.group, member.param, member.dim, member.num_groups
-        lr = group["lr"]
-        grouped = _grouped(param, dim, num_groups)
-        if group["variant"] == "adamw":
-            # x <- (1 - lr * weight_decay - lr * lmbda / ||x_g||) * x - lr / bc1 * dir
-            base = 1 - lr * group["weight_decay"]
-            if group["lmbda"] != 0:
-                shrink = base - (lr * group["lmbda"]) * inverse_norm
-                grouped.mul_(_per_group(shrink.to(param.dtype), grouped, dim))
-            elif base != 1:
-                param.mul_(base)
-            if member.direction is None:
-                param.addcdiv_(member.exp_avg, member.denominator, value=-lr * member.direction_scale)
-            else:
-                param.add_(member.direction, alpha=-lr * member.direction_scale)
-        else:
-            param.add_(member.direction, alpha=-lr)
-        if zero_rows is not None:
-            axis = 0 if dim == 0 else dim
-            grouped.index_fill_(axis, zero_rows, 0)
+    def _zero_dropped(
+        self, members: list[_Member], keep: dict[int, torch.Tensor], family_size: dict[int, int]
+    ) -> None:
+        """Sets the rows of the groups outside `keep` to zero in the members and their optimizer state.
+
+        The indices come from one `nonzero` over all families (the only host sync of a step); only the members of
+        families with zero groups are touched, and the cost is proportional to the number of zero groups.
+        """
+        families = sorted(keep)
+        dropped = torch.cat([~keep[family] for family in families])
+        indices = dropped.nonzero().squeeze(1).cpu()
+        if indices.numel() == 0:
+            return
+        sizes = [family_size[family] for family in families]
+        ends = torch.searchsorted(indices, torch.tensor(sizes).cumsum(0)).tolist()  # on the host: no sync
+        zero_rows: dict[int, torch.Tensor] = {}
+        begin, offset = 0, 0
+        for family, end, size in zip(families, ends, sizes):
+            if end > begin:
+                zero_rows[family] = (indices[begin:end] - offset).to(dropped.device)
+            begin, offset = end, offset + size
+        for member in members:
+            rows = zero_rows.get(member.family)
+            if rows is None:
+                continue
+            axis = 0 if member.dim == 0 else member.dim
+            _grouped(member.param, member.dim, member.num_groups).index_fill_(axis, rows, 0)
+            state = self.state[member.param]
             for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
-                buffer = member.state.get(key)
+                buffer = state.get(key)
                 if buffer is not None:
-                    _grouped(buffer, dim, num_groups).index_fill_(axis, zero_rows, 0)
+                    _grouped(buffer, member.dim, member.num_groups).index_fill_(axis, rows, 0)
 
 
 def _materialise(params: Any) -> list[dict[str, Any]] | list[torch.Tensor]:
