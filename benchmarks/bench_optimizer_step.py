@@ -38,6 +38,10 @@ from hf_oto.optim import HSPG
 from hf_oto.zig import build_zigs
 
 
+STAGES = ("initialization", "half_space", "half_space+zeros")
+REFERENCES = {"adamw": "AdamW(foreach)", "sgd": "SGD(momentum=0.9, foreach)"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=12, help="Number of BERT layers (BERT-base: 12).")
@@ -50,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1,
         help="torch intra-op threads (default 1: on shared cores a multi-threaded op waits for its slowest thread).",
     )
+    parser.add_argument("--variants", nargs="+", default=["adamw", "sgd"], choices=["adamw", "sgd"])
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument(
         "--output", type=str, default=str(Path(__file__).with_name("bench_optimizer_step.json")), help="JSON path."
     )
@@ -115,8 +121,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     base = BertModel(BertConfig(num_hidden_layers=args.layers))
     rows = []
-    for variant, reference_name in (("adamw", "AdamW(foreach)"), ("sgd", "SGD(momentum=0.9, foreach)")):
-        for stage in ("initialization", "half_space", "half_space+zeros"):
+    for variant in args.variants:
+        reference_name = REFERENCES[variant]
+        for stage in args.stages:
             model, hspg, reference, zigs = make_pair(args, base, variant, stage)
             timing = time_pair(hspg, reference, args)
             rows.append(

@@ -33,7 +33,7 @@ HALF_SPACE = "half_space"
 
 # Elements per block of the fused pass over a penalised parameter: the blocks of its operands stay in the L2 cache
 # between the successive operations on them, so each tensor is streamed from memory about once per step.
-_BLOCK = 1 << 16
+_BLOCK = 1 << 20
 
 
 @dataclass
@@ -46,6 +46,7 @@ class _Member:
     num_groups: int
     group: dict[str, Any]
     squared_norm: torch.Tensor  # [num_groups], ||x_{m,g}||^2 at x_k
+    live: torch.Tensor | None = None  # half-space stage, family with zero groups: [num_groups] 1 (non-zero) / 0 (zero)
     d_dot_x: torch.Tensor | None = None  # [num_groups], d_{m,g}^T x_{m,g} at x_k (half-space stage only)
 
 
@@ -388,6 +389,17 @@ class HSPG(Optimizer):
         }
         by_param = {id(member.param): member for member in members}  # local to this call
 
+        # In the half-space stage the groups that are zero at x_k stay zero: one host sync tells which families have
+        # any, and only their members mask those rows (of the direction, the momentum or the Adam moments) in the
+        # fused pass below.
+        if half_space and members:
+            families = sorted({member.family for member in members})
+            any_zero = torch.stack([(family_squared[f] == 0).any() for f in families]).tolist()
+            live = {f: family_squared[f] > 0 for f, flag in zip(families, any_zero) if flag}
+            for member in members:
+                if member.family in live:
+                    member.live = live[member.family].to(member.param.dtype)
+
         # Phase A: the update x <- x - lr * d. Parameters outside the ZIGs take torch's foreach step; each penalised
         # member is updated in one fused pass over blocks of its groups, which also yields d_g^T x_g at x_k.
         for group in self.param_groups:
@@ -397,10 +409,10 @@ class HSPG(Optimizer):
                 self._sgd_step(group, by_param, inverse_norm, half_space)
 
         # Phase B: the half-space test per family, from the norms and dot products at x_k; then the rows of the
-        # dropped groups (new and old) are set to zero in the parameters and in the optimizer state.
+        # newly dropped groups are set to zero in the parameters and in the optimizer state.
         if half_space and members:
-            keep = self._half_space_keep(members, family_squared, family_size)
-            self._zero_dropped(members, keep, family_size)
+            drop = self._half_space_drop(members, family_squared, family_size)
+            self._zero_dropped(members, drop, family_size)
 
         for group in self.param_groups:
             group["step_count"] = count + 1
@@ -509,8 +521,15 @@ class HSPG(Optimizer):
         for block in blocks.ranges:
             x = blocks.view(param, block)
             exp_avg_block = blocks.view(exp_avg, block)
-            denominator = torch.sqrt(blocks.view(exp_avg_sq, block))
+            exp_avg_sq_block = blocks.view(exp_avg_sq, block)
+            if member.live is not None:  # zero groups: zero moments, hence a zero direction
+                live = blocks.per_group(member.live, block, x)
+                exp_avg_block.mul_(live)
+                exp_avg_sq_block.mul_(live)
+            denominator = torch.sqrt(exp_avg_sq_block)
             denominator.div_(bias_correction2_sqrt).add_(eps)
+            if member.live is not None and eps == 0:
+                denominator.add_(1 - live)  # 0 / 1 rather than 0 / 0 in the zero groups; + 0 elsewhere
             if half_space:
                 direction = torch.div(exp_avg_block, denominator, out=denominator)
                 dots.append(blocks.dot(direction, x))
@@ -578,9 +597,14 @@ class HSPG(Optimizer):
         inverse_norm: torch.Tensor,
         half_space: bool,
     ) -> None:
-        """nu = grad + (weight_decay + lmbda / ||x_g||) * x, buf = momentum * buf + nu, x <- x - lr * d, by block."""
+        """nu = grad + (weight_decay + lmbda / ||x_g||) * x, buf = momentum * buf + nu, x <- x - lr * d, by block.
+
+        With momentum and without Nesterov (the usual case) `nu` is never materialised: the penalty is added to the
+        buffer in place, `buf = (momentum * buf + grad) + coefficient * x`.
+        """
         group, param = member.group, member.param
         lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
+        penalised = group["lmbda"] != 0 or group["weight_decay"] != 0
         coefficient = (group["lmbda"] * inverse_norm + group["weight_decay"]).to(param.dtype)
         buffer, new = None, False
         if momentum != 0:
@@ -588,33 +612,53 @@ class HSPG(Optimizer):
             if buffer is None:
                 buffer = state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.contiguous_format)
                 new = True
+        live = member.live  # zero groups (half-space stage): zero nu and momentum, hence a zero direction
         blocks = _Blocks(member)
         dots = []
         for block in blocks.ranges:
             x = blocks.view(param, block)
-            nu = torch.addcmul(blocks.view(grad, block), x, blocks.per_group(coefficient, block, x))
-            if buffer is None:
-                direction = nu
-            else:
-                buffer_block = blocks.view(buffer, block)
+            grad_block = blocks.view(grad, block)
+            if buffer is not None and not nesterov:
+                direction = blocks.view(buffer, block)
                 if new:
-                    buffer_block.copy_(nu)
+                    direction.copy_(grad_block)
+                    if live is not None:
+                        direction.mul_(blocks.per_group(live, block, x))
+                elif live is not None:
+                    direction.mul_(blocks.per_group(momentum * live, block, x))
+                    direction.addcmul_(grad_block, blocks.per_group(live, block, x))
                 else:
-                    buffer_block.mul_(momentum).add_(nu)
-                direction = nu.add_(buffer_block, alpha=momentum) if nesterov else buffer_block
+                    direction.mul_(momentum).add_(grad_block)
+                if penalised:
+                    direction.addcmul_(x, blocks.per_group(coefficient, block, x))
+            else:
+                nu = torch.addcmul(grad_block, x, blocks.per_group(coefficient, block, x))
+                if live is not None:
+                    nu.mul_(blocks.per_group(live, block, x))
+                if buffer is None:
+                    direction = nu
+                else:
+                    buffer_block = blocks.view(buffer, block)
+                    if new:
+                        buffer_block.copy_(nu)
+                    elif live is not None:
+                        buffer_block.mul_(blocks.per_group(momentum * live, block, x)).add_(nu)
+                    else:
+                        buffer_block.mul_(momentum).add_(nu)
+                    direction = nu.add_(buffer_block, alpha=momentum)  # Nesterov
             if half_space:
                 dots.append(blocks.dot(direction, x))
             x.add_(direction, alpha=-lr)
         if half_space:
             member.d_dot_x = torch.cat(dots) if len(dots) > 1 else dots[0]
 
-    def _half_space_keep(
+    def _half_space_drop(
         self,
         members: list[_Member],
         family_squared: dict[int, torch.Tensor],
         family_size: dict[int, int],
     ) -> dict[int, torch.Tensor]:
-        """Per active family, a boolean `[num_groups]` mask of the groups that stay (non-zero) after this step."""
+        """Per active family, a boolean `[num_groups]` mask of the non-zero groups that this step sets to zero."""
         # trial[g] = x~_g^T x_g = sum_m ||x_{m,g}||^2 - lr_m * d_{m,g}^T x_{m,g}; test[g] = trial[g] - eps_m ||x_m,g||^2
         trial: dict[int, torch.Tensor] = {}
         test: dict[int, torch.Tensor] = {}
@@ -647,18 +691,18 @@ class HSPG(Optimizer):
             for f in families:
                 candidates[f] = allowed[start : start + family_size[f]]
                 start += family_size[f]
-        return {f: nonzero[f] & ~candidates[f] for f in families}
+        return {f: nonzero[f] & candidates[f] for f in families}
 
     def _zero_dropped(
-        self, members: list[_Member], keep: dict[int, torch.Tensor], family_size: dict[int, int]
+        self, members: list[_Member], drop: dict[int, torch.Tensor], family_size: dict[int, int]
     ) -> None:
-        """Sets the rows of the groups outside `keep` to zero in the members and their optimizer state.
+        """Sets the rows of the groups in `drop` to zero in the members and their optimizer state.
 
-        The indices come from one `nonzero` over all families (the only host sync of a step); only the members of
-        families with zero groups are touched, and the cost is proportional to the number of zero groups.
+        The indices come from one `nonzero` over all families (a host sync); only the members of families with newly
+        dropped groups are touched, at a cost proportional to the number of those groups.
         """
-        families = sorted(keep)
-        dropped = torch.cat([~keep[family] for family in families])
+        families = sorted(drop)
+        dropped = torch.cat([drop[family] for family in families])
         indices = dropped.nonzero().squeeze(1).cpu()
         if indices.numel() == 0:
             return
