@@ -436,3 +436,127 @@ def test_hf_trainer(tmp_path):
     assert len(optimizer.param_groups) == 2
     assert optimizer.step_count == 30
     assert zigs.group_sparsity() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused, blocked step against a by-definition implementation
+# ----------------------------------------------------------------------------------------------------------------
+class TwoFamilies(nn.Module):
+    """fc1's 40 neurons (weight and bias, dim 0) and the 8 columns of `w` (dim 1), plus unpenalised parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(30, 40)
+        self.fc2 = nn.Linear(40, 5)
+        self.w = nn.Parameter(torch.randn(6, 8))
+
+    def loss(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc2(torch.tanh(self.fc1(inputs)))
+        return (hidden - target).pow(2).mean() + (inputs[:, :6] @ self.w).sin().mean()
+
+    def zigs(self) -> ZIGSet:
+        neurons = ZIGFamily(
+            name="fc1.neurons",
+            kind="neurons",
+            num_groups=40,
+            members=(ZIGMember("fc1.weight", 0), ZIGMember("fc1.bias", 0)),
+            dependents=(ZIGMember("fc2.weight", 1),),
+        )
+        columns = ZIGFamily(name="w.columns", kind="neurons", num_groups=8, members=(ZIGMember("w", 1),))
+        return ZIGSet(self, [neurons, columns])
+
+
+def reference_step(model: TwoFamilies, zigs: ZIGSet, state: dict, cfg: dict, half_space: bool) -> None:
+    """One HSPG step written from the definitions (whole tensors, per-group norms through `member_view`)."""
+    lr, lmbda, wd, epsilon = cfg["lr"], cfg["lmbda"], cfg.get("weight_decay", 0.0), cfg.get("epsilon", 0.0)
+    members = {member.param_name: (family, member.dim) for family in zigs for member in family.members}
+    squared = {family.name: norm.square() for family, norm in zip(zigs.families, zigs.family_norms())}
+
+    def per_group(name: str, values: torch.Tensor) -> torch.Tensor:
+        family, dim = members[name]
+        shape = [1] * zigs.parameter(name).dim()
+        shape[dim] = family.num_groups
+        return values.view(shape)
+
+    trial: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        x, grad, s = param.detach(), param.grad, state.setdefault(name, {})
+        penalty = torch.zeros_like(x)
+        if name in members:
+            family_name = members[name][0].name
+            inverse = torch.where(squared[family_name] > 0, squared[family_name].rsqrt(), 0.0)
+            penalty = lmbda * per_group(name, inverse) * x
+        if cfg["variant"] == "sgd":
+            nu = grad + wd * x + penalty
+            momentum = cfg["momentum"]
+            if momentum:
+                s["buf"] = nu.clone() if "buf" not in s else momentum * s["buf"] + nu
+                d = nu + momentum * s["buf"] if cfg.get("nesterov") else s["buf"]
+            else:
+                d = nu
+        else:
+            beta1, beta2 = cfg.get("betas", (0.9, 0.999))
+            s["t"] = s.get("t", 0) + 1
+            s["m"] = beta1 * s.get("m", torch.zeros_like(x)) + (1 - beta1) * grad
+            s["v"] = beta2 * s.get("v", torch.zeros_like(x)) + (1 - beta2) * grad * grad
+            m_hat, v_hat = s["m"] / (1 - beta1 ** s["t"]), s["v"] / (1 - beta2 ** s["t"])
+            d = m_hat / (v_hat.sqrt() + cfg.get("eps", 1e-8)) + wd * x + penalty
+        new = x - lr * d
+        if name in members:
+            family, dim = members[name]
+            dot = family.member_view(new, dim).mul(family.member_view(x, dim)).sum(1)
+            trial[family.name] = trial.get(family.name, 0) + dot
+        param.data.copy_(new)
+    if not half_space:
+        return
+    for family in zigs:
+        fam_squared = squared[family.name]
+        drop = (fam_squared == 0) | (trial[family.name] < epsilon * fam_squared)
+        for member in family.members:
+            keep = per_group(member.param_name, (~drop).float())
+            zigs.parameter(member.param_name).data.mul_(keep)
+            for key in ("buf", "m", "v"):
+                if key in state[member.param_name]:
+                    state[member.param_name][key].mul_(keep)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(variant="sgd", lr=0.05, lmbda=0.3, momentum=0.9),
+        dict(variant="sgd", lr=0.05, lmbda=0.3, momentum=0.9, nesterov=True, weight_decay=0.01),
+        dict(variant="sgd", lr=0.1, lmbda=1.0, momentum=0.0, epsilon=0.1),
+        dict(variant="adamw", lr=0.02, lmbda=3.0, weight_decay=0.01),
+        dict(variant="adamw", lr=0.02, lmbda=3.0, eps=0.0),
+    ],
+    ids=["sgd", "sgd-nesterov-wd", "sgd-no-momentum-eps", "adamw-wd", "adamw-eps0"],
+)
+def test_blocked_step_matches_the_definition(cfg, monkeypatch):
+    import hf_oto.optim.hspg as hspg_module
+
+    monkeypatch.setattr(hspg_module, "_BLOCK", 64)  # fc1.weight: 2 rows per block, 20 blocks
+    torch.manual_seed(0)
+    model = TwoFamilies()
+    twin = copy.deepcopy(model)
+    zigs, twin_zigs = model.zigs(), twin.zigs()
+    init_steps = 3
+    kwargs = {k: v for k, v in cfg.items() if k != "variant"}
+    optimizer = HSPG(model.parameters(), zigs, init_steps=init_steps, variant=cfg["variant"], **kwargs)
+    state: dict = {}
+    generator = torch.Generator().manual_seed(1)
+    for step in range(15):
+        if step == init_steps:  # two groups set to zero while their momentum / moments are not: they must stay zero
+            for net in (zigs, twin_zigs):
+                net.set_zero({"fc1.neurons": torch.isin(torch.arange(40), torch.tensor([3, 17]))})
+        inputs, target = torch.randn(16, 30, generator=generator), torch.randn(16, 5, generator=generator)
+        for net in (model, twin):
+            net.zero_grad()
+            net.loss(inputs, target).backward()
+        optimizer.step()
+        reference_step(twin, twin_zigs, state, cfg, half_space=step >= init_steps)
+        assert torch.equal(zigs.zero_mask(), twin_zigs.zero_mask()), step
+        for (name, param), other in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(param, other, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
+            assert torch.isfinite(param).all()
+    assert 2 < zigs.num_zero_groups() < 48, "the settings should drop some groups in the half-space stage"
+    assert zigs.zero_mask()[[3, 17]].all()
