@@ -31,9 +31,10 @@ INITIALIZATION = "initialization"
 HALF_SPACE = "half_space"
 
 
-# Elements per block of the fused pass over a penalised parameter: the blocks of its operands stay in the L2 cache
-# between the successive operations on them, so each tensor is streamed from memory about once per step.
-_BLOCK = 1 << 20
+# Elements per block of the fused pass over a penalised parameter (1 MB of float32): the blocks of its operands stay
+# in the CPU caches between the successive operations on them, so each tensor is streamed from memory about once per
+# step (2**16-2**20 measured on BERT-base, 2**18 the fastest; smaller blocks pay more per-op overhead).
+_BLOCK = 1 << 18
 
 
 @dataclass
