@@ -13,11 +13,17 @@ Model: an MLP `784 -> 512 -> 256 -> 10` (ReLU); its groups are the hidden neuron
 bias; the next layer's input column is the dependent). Data: Fashion-MNIST (60k train / 10k test) from the Debian
 package `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`), IDX files read with gzip + numpy.
 
+The paper's argument for HSPG (Section 3.3) is about the regime where `lr * lmbda` is small compared with the group
+norms: Prox-SG only zeroes a group whose trial point falls in a ball of radius `lr * lmbda`, which vanishes with
+`lr * lmbda`, while HSPG's half-space region does not. `--settings LR:LMBDA ...` runs a sweep over `(lr, lmbda)`
+pairs (each with the same budget and schedule for both methods) and prints one table over all of them.
+
 Usage:
 
 ```bash
-/work/.venv/bin/python benchmarks/bench_hspg_vs_proxsg.py                       # default run: a few minutes on 2 cores
-/work/.venv/bin/python benchmarks/bench_hspg_vs_proxsg.py --epochs 30 --lmbda 1e-2 --output /tmp/proxsg.json
+/work/.venv/bin/python benchmarks/bench_hspg_vs_proxsg.py                       # lr 0.1, lmbda 5e-3: ~5 min on 2 cores
+/work/.venv/bin/python benchmarks/bench_hspg_vs_proxsg.py --settings 0.01:1e-3 --output /tmp/proxsg_0.01.json
+/work/.venv/bin/python benchmarks/bench_hspg_vs_proxsg.py --settings 0.1:5e-3 0.01:1e-3 0.001:1e-3  # ~15 min
 ```
 """
 
@@ -49,6 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1, help="Initial learning rate (both methods).")
     parser.add_argument("--lr_decay_epochs", type=int, nargs="*", default=None, help="Epochs where lr /= 10.")
     parser.add_argument("--lmbda", type=float, default=5e-3, help="Group-lasso weight (both methods).")
+    parser.add_argument(
+        "--settings",
+        type=str,
+        nargs="+",
+        default=None,
+        metavar="LR:LMBDA",
+        help="Sweep: one run of both methods per (initial lr, lmbda) pair, e.g. `0.1:5e-3 0.01:1e-3`. Default: the "
+        "single pair --lr, --lmbda.",
+    )
     parser.add_argument("--epsilon", type=float, default=0.0, help="HSPG's half-space parameter.")
     parser.add_argument("--init_fraction", type=float, default=0.3, help="Share of steps in HSPG's init stage.")
     parser.add_argument("--hidden", type=int, nargs=2, default=(512, 256))
@@ -161,7 +176,7 @@ def evaluate(model: MLP, zigs: ZIGSet, lmbda: float, data) -> dict:
     )
 
 
-def run(method: str, args, data) -> dict:
+def run(method: str, args, data, lr: float, lmbda: float) -> dict:
     torch.manual_seed(args.seed)
     model = MLP(tuple(args.hidden))
     zigs = neuron_zigs(model)
@@ -172,15 +187,15 @@ def run(method: str, args, data) -> dict:
         optimizer = HSPG(
             model.parameters(),
             zigs,
-            lr=args.lr,
-            lmbda=args.lmbda,
+            lr=lr,
+            lmbda=lmbda,
             epsilon=args.epsilon,
             init_steps=int(args.init_fraction * total),
             variant="sgd",
             momentum=0.0,
         )
     else:
-        optimizer = ProxSG(model.parameters(), zigs, lr=args.lr, lmbda=args.lmbda)
+        optimizer = ProxSG(model.parameters(), zigs, lr=lr, lmbda=lmbda)
     decay_epochs = args.lr_decay_epochs if args.lr_decay_epochs is not None else [int(0.75 * args.epochs)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [e * steps_per_epoch for e in decay_epochs], 0.1)
     generator = torch.Generator().manual_seed(args.seed)
@@ -196,15 +211,16 @@ def run(method: str, args, data) -> dict:
             optimizer.step()
             scheduler.step()
         model.eval()
-        metrics = evaluate(model, zigs, args.lmbda, data)
+        metrics = evaluate(model, zigs, lmbda, data)
         history.append(dict(epoch=epoch + 1, **{k: v for k, v in metrics.items() if k != "kept_neurons"}))
         print(
-            f"  {method:8s} epoch {epoch + 1:3d}: objective {metrics['objective']:.4f}  "
+            f"  lr {lr:g} lmbda {lmbda:g} {method:8s} epoch {epoch + 1:3d}: objective {metrics['objective']:.4f}  "
             f"loss {metrics['train_loss']:.4f}  sparsity {metrics['group_sparsity']:.3f}  "
             f"test acc {metrics['test_accuracy']:.4f}",
             flush=True,
         )
     metrics["seconds"] = time.perf_counter() - start
+    metrics["steps"] = total
     metrics["history"] = history
     return metrics
 
@@ -214,24 +230,36 @@ def main(argv=None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     data = load_fashion_mnist(args.data_dir)
-    results = {method: run(method, args, data) for method in ("Prox-SG", "HSPG")}
+    settings = [(args.lr, args.lmbda)]
+    if args.settings is not None:
+        settings = [tuple(float(value) for value in setting.split(":")) for setting in args.settings]
+    runs = []
+    for lr, lmbda in settings:
+        results = {method: run(method, args, data, lr, lmbda) for method in ("Prox-SG", "HSPG")}
+        runs.append(dict(lr=lr, lmbda=lmbda, results=results))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    output = dict(config=config, threads=torch.get_num_threads(), torch=torch.__version__, results=results)
+    output = dict(config=config, threads=torch.get_num_threads(), torch=torch.__version__, runs=runs)
     groups = sum(args.hidden)
-    print()
-    print(f"MLP 784-{args.hidden[0]}-{args.hidden[1]}-10 on Fashion-MNIST, {groups} neuron groups, lmbda={args.lmbda}")
+    steps = runs[0]["results"]["HSPG"]["steps"]
     print()
     print(
-        "| method | objective f + λΣ‖x_g‖ | train loss f | group sparsity | zero groups | kept neurons (fc1, fc2) "
-        "| test accuracy |"
+        f"MLP 784-{args.hidden[0]}-{args.hidden[1]}-10 on Fashion-MNIST, {groups} neuron groups, {args.epochs} epochs "
+        f"({steps} steps), batch {args.batch_size}, HSPG init stage {args.init_fraction:.0%} of the steps"
     )
-    print("|---|---:|---:|---:|---:|---|---:|")
-    for method, m in results.items():
-        kept = ", ".join(str(v) for v in m["kept_neurons"].values())
-        print(
-            f"| {method} | {m['objective']:.4f} | {m['train_loss']:.4f} | {m['group_sparsity']:.3f} | "
-            f"{m['zero_groups']} / {groups} | {kept} | {m['test_accuracy']:.4f} |"
-        )
+    print()
+    print(
+        "| lr | λ | lr·λ | method | objective f + λΣ‖x_g‖ | train loss f | group sparsity | zero groups | "
+        "kept neurons (fc1, fc2) | test accuracy |"
+    )
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---|---:|")
+    for entry in runs:
+        for method, m in entry["results"].items():
+            kept = ", ".join(str(v) for v in m["kept_neurons"].values())
+            print(
+                f"| {entry['lr']:g} | {entry['lmbda']:g} | {entry['lr'] * entry['lmbda']:.0e} | {method} | "
+                f"{m['objective']:.4f} | {m['train_loss']:.4f} | {m['group_sparsity']:.3f} | "
+                f"{m['zero_groups']} / {groups} | {kept} | {m['test_accuracy']:.4f} |"
+            )
     Path(args.output).write_text(json.dumps(output, indent=2, sort_keys=True))
     return output
 
