@@ -172,3 +172,5 @@ def test_cli_benchmark_on_saved_folders(tmp_path, capsys):
     )
     with mock.patch.object(sys, "argv", [*argv[:4], "--repeats", "0"]), pytest.raises(SystemExit):
         cli.main()
+    assert cli.main(["export", str(tmp_path / "slim"), str(tmp_path / "slim" / "onnx")]) == 0
+    _ort_outputs_match(slim, tmp_path / "slim" / "onnx", "text-classification")
