@@ -16,6 +16,15 @@ from .training_args import OTOTrainingArguments
 from .zig import TRANSFORMER_LAYOUTS, TransformerLayout, ZIGFamily, ZIGMember, ZIGSet, build_zigs
 
 
+def __getattr__(name: str):
+    # The ONNX tools need optimum[onnxruntime] (the `onnx` extra): import them only when asked for.
+    if name in ("export_onnx", "benchmark_speedup"):
+        from . import onnx
+
+        return getattr(onnx, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "HSPG",
     "OTOSparsityCallback",
@@ -29,9 +38,11 @@ __all__ = [
     "ZIGMember",
     "ZIGSet",
     "apply_layout",
+    "benchmark_speedup",
     "build_zigs",
     "count_flops",
     "count_parameters",
+    "export_onnx",
     "load_pruned_model",
     "prune_zero_groups",
     "save_pruned_model",

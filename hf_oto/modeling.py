@@ -36,6 +36,7 @@ def save_pruned_model(
     *,
     overwrite: bool = False,
     safe_serialization: bool = True,
+    export_onnx: bool = False,
 ) -> Path:
     """Saves a pruned model (and its tokenizer) as a normal Hugging Face folder.
 
@@ -54,6 +55,9 @@ def save_pruned_model(
             Write into a non-empty folder. Files of the same names are replaced, other files are left alone.
         safe_serialization (`bool`, *optional*, defaults to `True`):
             Write safetensors (else `pytorch_model.bin`).
+        export_onnx (`bool`, *optional*, defaults to `False`):
+            Also export the model through Optimum into an `onnx/` subfolder that loads with `ORTModelFor*` without
+            hf_oto (needs `optimum[onnxruntime]`, the `onnx` extra).
 
     Returns:
         `Path`: the folder.
@@ -82,6 +86,10 @@ def save_pruned_model(
     model.save_pretrained(directory, safe_serialization=safe_serialization)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    if export_onnx:
+        from .onnx import export_onnx_subfolder  # optimum is an optional dependency
+
+        export_onnx_subfolder(model, directory, tokenizer)
     logger.info(f"Saved the pruned model to {directory} (layout {model.config.oto_layout}).")
     return directory
 
