@@ -31,9 +31,10 @@ INITIALIZATION = "initialization"
 HALF_SPACE = "half_space"
 
 
-# Elements per block of the fused pass over a penalised parameter (1 MB of float32): the blocks of its operands stay
-# in the CPU caches between the successive operations on them, so each tensor is streamed from memory about once per
-# step (2**16-2**20 measured on BERT-base, 2**18 the fastest; smaller blocks pay more per-op overhead).
+# Elements per block and per intra-op thread of the fused pass over a penalised parameter (1 MB of float32 per thread):
+# the blocks of its operands stay in the CPU caches between the successive operations on them, so each tensor is
+# streamed from memory about once per step (2**16-2**20 measured on BERT-base with one thread, 2**18 the fastest;
+# smaller blocks pay more per-op overhead, which grows with the number of threads).
 _BLOCK = 1 << 18
 
 
@@ -71,13 +72,14 @@ class _Blocks:
     """The blocks of whole groups in which one penalised parameter is updated, and views of its tensors by block.
 
     For `dim == 0` (every member `build_zigs` produces) a block is a range of rows of the `[num_groups, -1]` view
-    holding at most `_BLOCK` elements (at least one group); otherwise the whole grouped tensor is one block.
+    holding at most `_BLOCK` elements per thread (at least one group); otherwise the whole grouped tensor is one block.
     """
 
     def __init__(self, member: _Member):
         self.dim, self.num_groups = member.dim, member.num_groups
         if self.dim == 0:
-            rows = max(1, _BLOCK // max(1, member.param.numel() // max(1, self.num_groups)))
+            block = _BLOCK * max(1, torch.get_num_threads())
+            rows = max(1, block // max(1, member.param.numel() // max(1, self.num_groups)))
             self.ranges = [(start, min(start + rows, self.num_groups)) for start in range(0, self.num_groups, rows)]
         else:
             self.ranges = [(0, self.num_groups)]
@@ -559,9 +561,13 @@ class HSPG(Optimizer):
         if not params:
             return
         lr, weight_decay, momentum, nesterov = group["lr"], group["weight_decay"], group["momentum"], group["nesterov"]
+        steps = []
         for param in params:
             state = self.state[param]
-            state["step"] = state.get("step", torch.tensor(0.0, dtype=torch.float32)) + 1
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            steps.append(state["step"])
+        torch._foreach_add_(steps, 1.0)
 
         plain = [i for i, record in enumerate(records) if record is None]
         if plain:  # torch's foreach SGD
