@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     folder = minilm_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     data = load_movie_reviews()
-    train, test = data["train"].shuffle(seed=args.seed), data["test"]
+    # The source file lists the positive sentences first: shuffle both splits so that truncated ones stay balanced.
+    train, test = data["train"].shuffle(seed=args.seed), data["test"].shuffle(seed=args.seed)
     if args.max_train_samples:
         train = train.select(range(min(args.max_train_samples, len(train))))
     if args.max_eval_samples:

@@ -348,6 +348,30 @@ def test_max_group_sparsity_is_never_exceeded(name):
     assert other.group_sparsity() > 0.25
 
 
+@pytest.mark.parametrize("variant", ["adamw", "sgd"])
+def test_penalty_is_switched_off_once_the_bound_is_reached(variant):
+    """Past the bound no group can be zeroed: the next step must equal the same step with lmbda=0."""
+    model = tiny_model("bert")
+    zigs = build_zigs(model)
+    optimizer = HSPG(model.parameters(), zigs, init_steps=3, max_group_sparsity=0.25, **SETTINGS[variant])
+    train(model, optimizer, 25)
+    assert zigs.group_sparsity() == pytest.approx(0.25, abs=1 / len(zigs))
+    zero_before = zigs.zero_mask()
+
+    twin = copy.deepcopy(model)
+    twin_optimizer = HSPG(
+        twin.parameters(), build_zigs(twin), init_steps=3, max_group_sparsity=0.25, **SETTINGS[variant]
+    )
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for group in twin_optimizer.param_groups:
+        group["lmbda"] = 0.0
+    train(model, optimizer, 1, start=25)
+    train(twin, twin_optimizer, 1, start=25)
+    for (name, param), twin_param in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(param, twin_param, rtol=0, atol=0, msg=name)
+    assert torch.equal(zigs.zero_mask(), zero_before)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # State: state_dict round trip, schedulers, the Trainer's param groups
 # ----------------------------------------------------------------------------------------------------------------

@@ -182,8 +182,9 @@ class HSPG(Optimizer):
             L2 penalty added to the gradient (`"sgd"`) or decoupled weight decay (`"adamw"`).
         max_group_sparsity (`float`, *optional*):
             Upper bound in `(0, 1]` on the fraction of zero groups over the whole ZIGSet. When a half-space step would
-            exceed it, only the groups with the smallest `x~_g^T x_g / ||x_g||^2` (ranked globally) are zeroed.
-            Optimizer-wide.
+            exceed it, only the groups with the smallest `x~_g^T x_g / ||x_g||^2` (ranked globally) are zeroed. Once
+            the zero groups fill the bound, the group-lasso term is switched off: it could zero nothing more and would
+            only bias the kept groups, which then train on `f` alone (zero groups stay zero). Optimizer-wide.
 
     Example:
 
@@ -386,10 +387,15 @@ class HSPG(Optimizer):
                 family_size[family] = num_groups
                 if family in active:
                     members.append(_Member(param, family, dim, num_groups, group, squared))
-        inverse_norm = {
-            family: torch.where(squared > 0, squared.rsqrt(), torch.zeros_like(squared))
-            for family, squared in family_squared.items()
-        }
+        if self._bound_reached(family_squared, family_size):
+            # No further group may be zeroed: the penalty could only shrink the kept groups, so it is switched off
+            # and the kept groups train on f alone (zero groups still stay zero).
+            inverse_norm = {family: torch.zeros_like(squared) for family, squared in family_squared.items()}
+        else:
+            inverse_norm = {
+                family: torch.where(squared > 0, squared.rsqrt(), torch.zeros_like(squared))
+                for family, squared in family_squared.items()
+            }
         by_param = {id(member.param): member for member in members}  # local to this call
 
         # In the half-space stage the groups that are zero at x_k stay zero: one host sync tells which families have
@@ -420,6 +426,14 @@ class HSPG(Optimizer):
         for group in self.param_groups:
             group["step_count"] = count + 1
         return loss
+
+    def _bound_reached(self, family_squared: dict[int, torch.Tensor], family_size: dict[int, int]) -> bool:
+        """Whether the zero groups already fill `max_group_sparsity` (one host sync; `False` without a bound)."""
+        bound = self.param_groups[0]["max_group_sparsity"]
+        if bound is None or not family_squared:
+            return False
+        zeros = sum((squared == 0).sum() for squared in family_squared.values())
+        return int(zeros) >= math.floor(bound * sum(family_size.values()) + 1e-9)
 
     def _sparsity(self) -> float:
         try:
