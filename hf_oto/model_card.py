@@ -114,6 +114,7 @@ def create_model_card(
     speedup: Mapping[str, Any] | None = None,
     has_onnx: bool = False,
     tags: Sequence[str] = (),
+    training_data: str | None = None,
 ) -> ModelCard:
     """Renders the model card of a pruned model.
 
@@ -132,6 +133,7 @@ def create_model_card(
         speedup (`Mapping[str, Any]`, *optional*): A measured ONNX Runtime speedup: `to_dict()` of a benchmark.
         has_onnx (`bool`): Whether the folder has an `onnx/` export.
         tags (`Sequence[str]`): Extra Hub tags; `pruning`, `oto`, ... are always added.
+        training_data (`str`, *optional*): A sentence or two on the training data (for data without a Hub id).
 
     Example:
 
@@ -197,6 +199,7 @@ def create_model_card(
         metrics_table=metrics_table,
         speedup_table=speedup_table,
         hyperparameters_table=hyperparameters_table,
+        training_data=training_data or "",
     )
 
 

@@ -32,6 +32,7 @@ def test_card_has_metadata_sizes_layout_plot_and_loading_lines(tmp_path):
         hyperparameters={"oto_lambda": 0.01, "oto_variant": "adamw"},
         metrics={"exact_match": 71.25},
         has_onnx=True,
+        training_data="Six questions about rivers.",
     )
     text = path.read_text()
     metadata = yaml.safe_load(text.split("---")[1])
@@ -42,6 +43,7 @@ def test_card_has_metadata_sizes_layout_plot_and_loading_lines(tmp_path):
     assert f"| parameters | {report.params_before:,} | {report.params_after:,} |" in text
     assert f"| {report.flops_before:,} | {report.flops_after:,} |" in text
     assert "| oto_lambda | 0.01 |" in text
+    assert "## Training\n\nSix questions about rivers.\n" in text
     assert "| exact_match | 71.25 |" in text
     assert 'load_pruned_model("me/tiny-llama-oto", auto_class=AutoModelForCausalLM)' in text
     assert "from transformers import AutoModelForCausalLM" in text
