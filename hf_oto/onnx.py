@@ -685,3 +685,64 @@ def benchmark_speedup(
     )
     logger.info(f"\n{result}")
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In the training workflow
+# ----------------------------------------------------------------------------------------------------------------
+def onnx_workflow(
+    slim: nn.Module,
+    pruned_dir: str | os.PathLike,
+    *,
+    dense: nn.Module | None = None,
+    tokenizer: Any | None = None,
+    export: bool = True,
+    batch_size: int = 1,
+    seq_length: int = 128,
+    repeats: int = 30,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What the `--export_onnx` / `--benchmark_speedup` flags of the training scripts do after saving the slim model.
+
+    Exports `slim` to `pruned_dir/onnx` (when `export`), and, when `dense` (the full-size group-sparse model, kept
+    before pruning) is given, measures the ONNX Runtime speedup of the slim model over it with [`benchmark_speedup`].
+
+    Returns:
+        `tuple[dict, dict | None]`: flat figures for `all_results.json` (`onnx_dir`, `onnx_speedup`,
+        `onnx_latency_dense_ms`, ...), and the speedup summary for the model card (`None` without a benchmark).
+
+    Example:
+
+    ```python
+    >>> results, card_speedup = onnx_workflow(slim, "out/pruned", dense=dense_copy, tokenizer=tokenizer)  # doctest: +SKIP
+    >>> results["onnx_speedup"]  # doctest: +SKIP
+    1.83
+    ```
+    """
+    results: dict[str, Any] = {}
+    onnx_dir = None
+    if export:
+        onnx_dir = export_onnx_subfolder(slim, pruned_dir, tokenizer)
+        results["onnx_dir"] = str(onnx_dir)
+    if dense is None:
+        return results, None
+    measured = benchmark_speedup(
+        dense, slim, batch_size=batch_size, seq_length=seq_length, repeats=repeats, slim_onnx=onnx_dir
+    )
+    results.update(
+        onnx_speedup=measured.speedup,
+        onnx_latency_dense_ms=measured.dense.median_ms,
+        onnx_latency_slim_ms=measured.slim.median_ms,
+        onnx_flops_ratio=measured.flops_ratio,
+        onnx_benchmark_batch_size=batch_size,
+        onnx_benchmark_seq_length=seq_length,
+    )
+    card = {
+        "ONNX Runtime speedup (median latency, dense / slim)": f"{measured.speedup:.2f}x",
+        "dense latency (median)": f"{measured.dense.median_ms:.2f} ms",
+        "slim latency (median)": f"{measured.slim.median_ms:.2f} ms",
+        "FLOPs ratio (dense / slim)": f"{measured.flops_ratio:.2f}x",
+        "batch size x sequence length": f"{batch_size} x {seq_length}",
+        "threads": str(measured.num_threads if measured.num_threads is not None else "ORT default"),
+        "timed rounds": str(repeats),
+    }
+    return results, card

@@ -38,6 +38,7 @@ python scripts/run_text_classification_oto.py args.json
 
 from __future__ import annotations
 
+import copy
 import json
 import logging as std_logging
 import os
@@ -110,6 +111,17 @@ class DataTrainingArguments:
     flops_seq_length: int | None = field(
         default=None, metadata={"help": "Sequence length at which FLOPs are reported (default: max_seq_length)."}
     )
+    export_onnx: bool = field(
+        default=False, metadata={"help": "Export the slim model to <pruned folder>/onnx (needs optimum[onnxruntime])."}
+    )
+    benchmark_speedup: bool = field(
+        default=False,
+        metadata={
+            "help": "Measure the ONNX Runtime speedup of the slim model over the full-size one (implies export)."
+        },
+    )
+    benchmark_batch_size: int = field(default=1, metadata={"help": "Batch size of the speedup benchmark."})
+    benchmark_repeats: int = field(default=30, metadata={"help": "Timed rounds of the speedup benchmark."})
     pruned_model_dir: str | None = field(
         default=None, metadata={"help": "Where the slim model goes (default: <output_dir>/pruned)."}
     )
@@ -386,6 +398,8 @@ def run(
     check_inputs = None
     if trainer.eval_dataset is None and trainer.train_dataset is None:
         check_inputs = trainer.data_collator([features["train"][i] for i in range(min(8, len(features["train"])))])
+    # The full-size group-sparse model, kept only to measure the slim model's speedup against it.
+    dense_reference = copy.deepcopy(trainer.model).eval() if data_args.benchmark_speedup else None
     slim = trainer.prune(inputs=check_inputs, seq_length=flops_seq_length)
     results["params"] = count_parameters(slim)
     results["flops"] = count_flops(slim, seq_length=flops_seq_length)
@@ -410,6 +424,21 @@ def run(
     pruned_dir = data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned")
     trainer.save_pruned_model(pruned_dir, overwrite=training_args.overwrite_output_dir)
     results["pruned_model_dir"] = pruned_dir
+    if data_args.export_onnx or data_args.benchmark_speedup:
+        from hf_oto.onnx import onnx_workflow  # needs optimum[onnxruntime]
+
+        onnx_results, card_speedup = onnx_workflow(
+            slim,
+            pruned_dir,
+            dense=dense_reference,
+            tokenizer=tokenizer,
+            batch_size=data_args.benchmark_batch_size,
+            seq_length=flops_seq_length,
+            repeats=data_args.benchmark_repeats,
+        )
+        results.update(onnx_results)
+        if trainer.is_world_process_zero():
+            trainer.write_oto_model_card(pruned_dir, speedup=card_speedup, has_onnx=True)
     if trainer.is_world_process_zero():
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
         with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:

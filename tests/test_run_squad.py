@@ -112,3 +112,44 @@ def test_squad_metric_matches_the_official_definition():
     assert metrics["f1"] == pytest.approx(100 * (1 + 0.8 + 0) / 3)
     assert normalize_answer("  The  Seine, river. ") == "seine river"
     torch.manual_seed(0)
+
+
+def test_run_squad_oto_exports_onnx_and_measures_speedup(tmp_path):
+    pytest.importorskip("optimum.onnxruntime")
+    model_dir = write_tiny_qa_model(tmp_path / "model")
+    data = write_squad_file(tmp_path / "squad.json")
+    output_dir = tmp_path / "out"
+    results = load_script().main(
+        [
+            "--model_name_or_path", str(model_dir),
+            "--train_file", str(data), "--validation_file", str(data),
+            "--output_dir", str(output_dir), "--do_train", "--do_eval",
+            "--max_seq_length", "32", "--doc_stride", "8", "--per_device_train_batch_size", "4",
+            "--max_steps", "12", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
+            "--oto_lambda", "10", "--oto_init_steps", "4",
+            "--export_onnx", "--benchmark_speedup", "--benchmark_repeats", "3",
+            "--report_to", "none", "--save_strategy", "no", "--use_cpu",
+        ]
+    )  # fmt: skip
+    written = json.loads((output_dir / "all_results.json").read_text())
+    assert written["onnx_speedup"] > 0 and written["onnx_latency_slim_ms"] > 0
+    assert written["onnx_flops_ratio"] == pytest.approx(written["dense_flops"] / written["flops"], rel=1e-6)
+    pruned = Path(results["pruned_model_dir"])
+    assert (pruned / "onnx" / "model.onnx").is_file()
+    card = (pruned / "README.md").read_text()
+    assert "## Measured speedup" in card
+    assert f"{written['onnx_speedup']:.2f}x" in card
+    assert 'subfolder="onnx"' in card
+
+    from optimum.onnxruntime import ORTModelForQuestionAnswering
+
+    ort_model = ORTModelForQuestionAnswering.from_pretrained(pruned / "onnx")
+    slim = load_pruned_model(pruned, auto_class=AutoModelForQuestionAnswering)
+    inputs = {
+        "input_ids": torch.tensor([[2, 7, 8, 9, 3, 10, 11, 3]]),
+        "attention_mask": torch.ones(1, 8, dtype=torch.long),
+    }
+    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    torch.testing.assert_close(
+        torch.as_tensor(ort_model(**inputs).start_logits), slim(**inputs).start_logits, atol=1e-4, rtol=1e-4
+    )
