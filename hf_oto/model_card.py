@@ -84,12 +84,12 @@ def plot_layout(report: PruningReport, path: str | os.PathLike) -> Path:
     axis.set_xticks(layers)
     axis.set_xlabel("layer")
     axis.set_ylabel("kept share")
-    axis.set_ylim(0, 1.15)
+    axis.set_ylim(0, 1.4)
     axis.set_title(
         f"Kept per layer\nparams {report.params_ratio:.0%}, FLOPs {report.flops_ratio:.0%} of the dense model",
         fontsize=9,
     )
-    axis.legend(loc="upper right", fontsize=8, ncols=2)
+    axis.legend(loc="upper center", fontsize=8, ncols=2)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

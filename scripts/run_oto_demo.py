@@ -62,7 +62,7 @@ class DemoArguments:
         default=None,
         metadata={
             "help": "Group-lasso weight of the OTO run (HSPG adamw: a group's norm shrinks by lr * lambda per step). "
-            "Default: 100, or 1000 with --quick (whose run is 14x shorter)."
+            "Default: 50, or 1000 with --quick (whose run is 14x shorter)."
         },
     )
     oto_init_fraction: float = field(default=0.3, metadata={"help": "Initialization stage, fraction of steps."})
@@ -78,7 +78,7 @@ class DemoArguments:
             self.max_eval_samples = self.max_eval_samples or 500
             self.max_seq_length = min(self.max_seq_length, 48)
         if self.oto_lambda is None:
-            self.oto_lambda = 1000.0 if self.quick else 100.0
+            self.oto_lambda = 1000.0 if self.quick else 50.0
 
 
 def minilm_folder() -> Path:
