@@ -11,7 +11,7 @@ Usage:
 
 ```bash
 make demo                                        # full run, ~10-15 minutes on 2 CPU cores
-make demo-quick                                  # about a minute
+make demo-quick                                  # about a minute: a smoke test, too short for meaningful accuracy
 python scripts/run_oto_demo.py --quick --output_dir outputs/demo-quick
 python scripts/run_oto_demo.py --oto_lambda 0.02 --num_train_epochs 3 --output_dir outputs/demo
 ```
@@ -52,7 +52,10 @@ BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # the checkpoint the pack
 @dataclass
 class DemoArguments:
     output_dir: str = field(default="outputs/minilm-movie-reviews-oto", metadata={"help": "Where results go."})
-    quick: bool = field(default=False, metadata={"help": "A ~1 minute run on a subset (for a smoke test)."})
+    quick: bool = field(
+        default=False,
+        metadata={"help": "A ~1 minute smoke test on a subset: too few steps for meaningful accuracies."},
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing slim model folder."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of each run (dense and OTO)."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of both runs."})
