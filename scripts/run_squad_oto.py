@@ -47,6 +47,7 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
+from hf_oto.run_outputs import write_run_outputs
 from hf_oto.squad import (
     postprocess_qa_predictions,
     prepare_eval_features,
@@ -239,29 +240,18 @@ def main(argv: list[str] | None = None) -> dict:
         )
         results["eval_samples"] = len(eval_examples)
 
-    pruned_dir = data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned")
-    trainer.save_pruned_model(pruned_dir, overwrite=training_args.overwrite_output_dir)
-    results["pruned_model_dir"] = pruned_dir
-    if data_args.export_onnx or data_args.benchmark_speedup:
-        from hf_oto.onnx import onnx_workflow  # needs optimum[onnxruntime]
-
-        onnx_results, card_speedup = onnx_workflow(
-            slim,
-            pruned_dir,
-            dense=dense_reference,
-            tokenizer=tokenizer,
-            batch_size=data_args.benchmark_batch_size,
-            seq_length=flops_seq_length,
-            repeats=data_args.benchmark_repeats,
-        )
-        results.update(onnx_results)
-        if trainer.is_world_process_zero():
-            trainer.write_oto_model_card(pruned_dir, speedup=card_speedup, has_onnx=True)
-    if trainer.is_world_process_zero():
-        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as handle:
-            json.dump(results, handle, indent=2, sort_keys=True)
-        logger.info(f"Results: {json.dumps(results, indent=2, sort_keys=True)}")
+    write_run_outputs(
+        trainer,
+        results,
+        pruned_dir=data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned"),
+        overwrite=training_args.overwrite_output_dir,
+        tokenizer=tokenizer,
+        export_onnx=data_args.export_onnx,
+        dense_reference=dense_reference,
+        benchmark_batch_size=data_args.benchmark_batch_size,
+        benchmark_repeats=data_args.benchmark_repeats,
+        seq_length=flops_seq_length,
+    )
     return results
 
 

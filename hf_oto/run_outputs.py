@@ -1,0 +1,77 @@
+"""What a training job leaves behind once the model is pruned: the slim folder (with its card), an optional ONNX
+export with its measured speedup, and `all_results.json`. Shared by the scripts in `scripts/`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+
+def write_run_outputs(
+    trainer,
+    results: dict[str, Any],
+    *,
+    pruned_dir: str,
+    overwrite: bool = False,
+    tokenizer: Any | None = None,
+    export_onnx: bool = False,
+    dense_reference: nn.Module | None = None,
+    benchmark_batch_size: int = 1,
+    benchmark_repeats: int = 30,
+    seq_length: int = 128,
+) -> dict[str, Any]:
+    """Saves the pruned model of `trainer` and writes `all_results.json` into `trainer.args.output_dir`.
+
+    Args:
+        trainer ([`OTOTrainer`]): A trainer whose model was pruned with `trainer.prune()`.
+        results (`dict`): The run's figures so far; the folder, ONNX and speedup figures are added to it.
+        pruned_dir (`str`): Where the slim model and its card go.
+        overwrite (`bool`): Whether the slim folder may be written into when it is not empty.
+        tokenizer (*optional*): Saved into the ONNX export too.
+        export_onnx (`bool`): Export the slim model to `<pruned_dir>/onnx` (needs `optimum[onnxruntime]`).
+        dense_reference (`nn.Module`, *optional*): The full-size group-sparse model; when given, the ONNX Runtime
+            speedup of the slim model over it is measured (this implies the export) and added to the card.
+        benchmark_batch_size, benchmark_repeats, seq_length: Settings of the speedup benchmark.
+
+    Returns:
+        `dict`: `results`, completed.
+
+    Example:
+
+    ```python
+    >>> slim = trainer.prune()
+    >>> write_run_outputs(trainer, {"eval_f1": 88.0}, pruned_dir="out/pruned", export_onnx=True)  # doctest: +SKIP
+    ```
+    """
+    trainer.save_pruned_model(pruned_dir, overwrite=overwrite)
+    results["pruned_model_dir"] = pruned_dir
+    if export_onnx or dense_reference is not None:
+        from .onnx import onnx_workflow  # needs optimum[onnxruntime]
+
+        onnx_results, card_speedup = onnx_workflow(
+            trainer.model,
+            pruned_dir,
+            dense=dense_reference,
+            tokenizer=tokenizer,
+            batch_size=benchmark_batch_size,
+            seq_length=seq_length,
+            repeats=benchmark_repeats,
+        )
+        results.update(onnx_results)
+        if trainer.is_world_process_zero():
+            trainer.write_oto_model_card(pruned_dir, speedup=card_speedup, has_onnx=True)
+    if trainer.is_world_process_zero():
+        output_dir = Path(trainer.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with open(os.path.join(output_dir, "all_results.json"), "w") as handle:
+            json.dump(results, handle, indent=2, sort_keys=True)
+        logger.info(f"Results: {json.dumps(results, indent=2, sort_keys=True)}")
+    return results
