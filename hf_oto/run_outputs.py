@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,29 @@ from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
+
+
+@dataclass
+class OTORunOutputArguments:
+    """The output arguments the training scripts share (their data-argument dataclasses inherit them)."""
+
+    flops_seq_length: int | None = field(
+        default=None, metadata={"help": "Sequence length at which FLOPs are reported (default: max_seq_length)."}
+    )
+    export_onnx: bool = field(
+        default=False, metadata={"help": "Export the slim model to <pruned folder>/onnx (needs optimum[onnxruntime])."}
+    )
+    benchmark_speedup: bool = field(
+        default=False,
+        metadata={
+            "help": "Measure the ONNX Runtime speedup of the slim model over the full-size one (implies export)."
+        },
+    )
+    benchmark_batch_size: int = field(default=1, metadata={"help": "Batch size of the speedup benchmark."})
+    benchmark_repeats: int = field(default=30, metadata={"help": "Timed rounds of the speedup benchmark."})
+    pruned_model_dir: str | None = field(
+        default=None, metadata={"help": "Where the slim model goes (default: <output_dir>/pruned)."}
+    )
 
 
 def write_run_outputs(

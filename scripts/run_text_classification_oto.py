@@ -59,7 +59,7 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
-from hf_oto.run_outputs import write_run_outputs
+from hf_oto.run_outputs import OTORunOutputArguments, write_run_outputs
 
 
 logger = logging.get_logger("hf_oto.run_text_classification_oto")
@@ -84,7 +84,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataTrainingArguments:
+class DataTrainingArguments(OTORunOutputArguments):
     dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` name, e.g. glue (needs the hub)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration, e.g. sst2."})
     train_file: str | None = field(default=None, metadata={"help": "Local training file (.csv, .tsv, .json, .jsonl)."})
@@ -108,23 +108,6 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation examples."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Truncate the test examples."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
-    flops_seq_length: int | None = field(
-        default=None, metadata={"help": "Sequence length at which FLOPs are reported (default: max_seq_length)."}
-    )
-    export_onnx: bool = field(
-        default=False, metadata={"help": "Export the slim model to <pruned folder>/onnx (needs optimum[onnxruntime])."}
-    )
-    benchmark_speedup: bool = field(
-        default=False,
-        metadata={
-            "help": "Measure the ONNX Runtime speedup of the slim model over the full-size one (implies export)."
-        },
-    )
-    benchmark_batch_size: int = field(default=1, metadata={"help": "Batch size of the speedup benchmark."})
-    benchmark_repeats: int = field(default=30, metadata={"help": "Timed rounds of the speedup benchmark."})
-    pruned_model_dir: str | None = field(
-        default=None, metadata={"help": "Where the slim model goes (default: <output_dir>/pruned)."}
-    )
 
     def __post_init__(self):
         files = {"train_file": self.train_file, "validation_file": self.validation_file, "test_file": self.test_file}
