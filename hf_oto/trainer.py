@@ -20,6 +20,7 @@ from transformers.utils import (
 )
 
 from .callbacks import oto_sparsity_logs, unwrap_optimizer
+from .distributed import check_distributed_support
 from .training_args import OTOTrainingArguments
 from .zig import ZIGSet, build_zigs
 
@@ -104,6 +105,13 @@ class OTOTrainer(Trainer):
         # it stays valid when the Trainer moves the model to its device.
         zigs = build_zigs(model, families=args.oto_families, exclude=args.oto_exclude) if model is not None else None
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        # FSDP or DeepSpeed switched on by the launcher (`accelerate launch --use_fsdp`, an accelerate config) rather
+        # than by the arguments, which refuse them already.
+        if self.is_deepspeed_enabled:
+            check_distributed_support("DEEPSPEED")
+        if self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False):
+            check_distributed_support("FSDP")
+        check_distributed_support(self.accelerator.distributed_type)
         if zigs is None or zigs.model is not self.model:
             zigs = build_zigs(self.model, families=args.oto_families, exclude=args.oto_exclude)
         self.zigs: Optional[ZIGSet] = zigs
@@ -184,26 +192,16 @@ class OTOTrainer(Trainer):
         max_steps = self._oto_num_training_steps if self._oto_num_training_steps is not None else self.args.max_steps
         self.oto_init_steps = self.args.resolve_oto_init_steps(max(int(max_steps), 0))
 
-        decay_parameters = set(self.get_decay_parameter_names(self.model))
-        named = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
-        groups = [
-            {"params": [p for n, p in named if n in decay_parameters], "weight_decay": self.args.weight_decay},
-            {"params": [p for n, p in named if n not in decay_parameters], "weight_decay": 0.0},
-        ]
-        groups = [group for group in groups if group["params"]]
+        groups = hspg_param_groups(self.model, self.args.weight_decay, self.get_decay_parameter_names(self.model))
         self.optimizer = HSPG(
             groups,
             self.zigs,
             lr=self.args.learning_rate,
-            lmbda=self.args.oto_lambda,
-            epsilon=self.args.oto_epsilon,
             init_steps=self.oto_init_steps,
-            variant=self.args.oto_variant,
-            momentum=self.args.oto_momentum,
             betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon,
             weight_decay=self.args.weight_decay,
-            max_group_sparsity=self.args.oto_max_group_sparsity,
+            **self.args.hspg_kwargs(),
         )
         logger.info(
             f"HSPG ({self.args.oto_variant}, lambda={self.args.oto_lambda}, epsilon={self.args.oto_epsilon}) over "
@@ -273,33 +271,14 @@ class OTOTrainer(Trainer):
         if self.is_pruned:
             logger.warning("The model is already pruned; returning it.")
             return self.model
-        from .pruning import prune_zero_groups
-
         model = self.model
         if seq_length is None:
             seq_length = min(128, getattr(model.config, "max_position_embeddings", None) or 128)
         if atol is None:
-            dtype = next(model.parameters()).dtype
-            atol = 1e-4 if dtype == torch.float32 else 1e-2
+            atol = default_pruning_atol(model)
         batch = self._prepare_inputs(dict(inputs if inputs is not None else self._pruning_check_batch()))
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            reference = model(**batch)
         zero_groups = self.zigs.num_zero_groups()
-        slim, report = prune_zero_groups(model, self.zigs, seq_length=seq_length, inplace=True)
-        slim.eval()
-        with torch.no_grad():
-            outputs = slim(**batch)
-        difference = _max_abs_difference(reference, outputs)
-        if difference > atol:
-            raise RuntimeError(
-                f"The pruned model's outputs differ from the group-sparse model's by up to {difference:.3g} "
-                f"(allowed: {atol:g}) on a batch of {len(next(iter(batch.values())))} examples. The groups were not "
-                "zero-invariant: please report this with the model type and the OTO arguments."
-            )
-        if was_training:
-            slim.train()
+        slim, report, difference = prune_and_check(model, self.zigs, batch, seq_length=seq_length, atol=atol)
         self.model = slim
         self.model_wrapped = slim
         self.pruning_report = report
@@ -418,7 +397,7 @@ class OTOTrainer(Trainer):
             "model_name": model_name or os.path.basename(os.path.abspath(directory)),
             "repo_id": self.hub_model_id if getattr(self, "hub_model_id", None) else None,
             "base_model": name_or_path if name_or_path and not os.path.exists(name_or_path) else None,
-            "auto_class": _auto_class_name(self.model),
+            "auto_class": auto_class_name(self.model),
             "hyperparameters": self.oto_hyperparameters(),
             "metrics": self._latest_eval_metrics() or None,
             "tags": self._tag_names,
@@ -460,6 +439,94 @@ class OTOTrainer(Trainer):
         return {}
 
 
+def hspg_param_groups(
+    model: nn.Module, weight_decay: float, decay_parameter_names: Optional[list[str]] = None
+) -> list[dict[str, Any]]:
+    """The trainable parameters of `model` in the `Trainer`'s two param groups: with `weight_decay`, and without it
+    (biases and norm weights, by the `Trainer`'s rule unless `decay_parameter_names` is given).
+
+    Example:
+
+    ```python
+    >>> groups = hspg_param_groups(model, weight_decay=0.01)
+    >>> optimizer = HSPG(groups, build_zigs(model), lr=2e-5, weight_decay=0.01)
+    ```
+    """
+    if decay_parameter_names is None:
+        # The Trainer's rule (`Trainer.get_decay_parameter_names` reads nothing from the instance).
+        decay_parameter_names = Trainer.get_decay_parameter_names(None, model)
+    decay = set(decay_parameter_names)
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+def default_pruning_atol(model: nn.Module) -> float:
+    """Largest output difference [`prune_and_check`] allows: `1e-4` for float32 models, `1e-2` otherwise."""
+    return 1e-4 if next(model.parameters()).dtype == torch.float32 else 1e-2
+
+
+def prune_and_check(
+    model: nn.Module,
+    zigs: ZIGSet,
+    inputs: Mapping[str, Any],
+    *,
+    seq_length: int = 128,
+    atol: Optional[float] = None,
+) -> tuple[nn.Module, Any, float]:
+    """Slices the zero groups of `zigs` out of `model` (in place) and checks, on `inputs`, that the slim model gives
+    the group-sparse model's outputs (both in eval mode; the training mode is restored afterwards).
+
+    Args:
+        model (`nn.Module`): The trained, group-sparse model.
+        zigs ([`ZIGSet`]): Its zero-invariant groups.
+        inputs (`Mapping[str, Any]`): A batch of model inputs, on the model's device.
+        seq_length (`int`, *optional*, defaults to 128): Sequence length at which the report counts FLOPs.
+        atol (`float`, *optional*): Largest allowed absolute output difference (see [`default_pruning_atol`]).
+
+    Returns:
+        `tuple`: the slim model, the [`~hf_oto.pruning.PruningReport`] and the largest absolute output difference.
+
+    Example:
+
+    ```python
+    >>> slim, report, difference = prune_and_check(model, zigs, tokenizer(["a test"], return_tensors="pt"))
+    ```
+    """
+    from .pruning import prune_zero_groups
+
+    if atol is None:
+        atol = default_pruning_atol(model)
+    batch = dict(inputs)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        reference = model(**batch)
+    slim, report = prune_zero_groups(model, zigs, seq_length=seq_length, inplace=True)
+    slim.eval()
+    with torch.no_grad():
+        outputs = slim(**batch)
+    difference = _max_abs_difference(reference, outputs)
+    if difference > atol:
+        raise RuntimeError(
+            f"The pruned model's outputs differ from the group-sparse model's by up to {difference:.3g} "
+            f"(allowed: {atol:g}) on a batch of {len(next(iter(batch.values())))} examples. The groups were not "
+            "zero-invariant: please report this with the model type and the OTO arguments."
+        )
+    if was_training:
+        slim.train()
+    return slim, report, difference
+
+
+def auto_class_name(model: nn.Module) -> str:
+    """`"AutoModelForSequenceClassification"` for `BertForSequenceClassification`, `"AutoModel"` for `BertModel`."""
+    name = type(model).__name__
+    return f"AutoModelFor{name.split('For', 1)[1]}" if "For" in name else "AutoModel"
+
+
 def _remove_dense_weights(directory: str) -> None:
     """Deletes the weight files a dense `save_model` may have left in the Trainer's own output folder (sharded
     indexes take precedence over `model.safetensors` when loading), so that the folder holds the slim model only."""
@@ -477,12 +544,6 @@ def _remove_dense_weights(directory: str) -> None:
         if os.path.isfile(path) and os.path.dirname(os.path.abspath(path)) == os.path.abspath(directory):
             os.remove(path)
             logger.info(f"Removed the dense weights file {path} before saving the pruned model.")
-
-
-def _auto_class_name(model: nn.Module) -> str:
-    """`"AutoModelForSequenceClassification"` for `BertForSequenceClassification`, `"AutoModel"` for `BertModel`."""
-    name = type(model).__name__
-    return f"AutoModelFor{name.split('For', 1)[1]}" if "For" in name else "AutoModel"
 
 
 def _floating_tensors(outputs: Any) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""`OTOTrainingArguments`: the `TrainingArguments` of an OTO run, with the HSPG and zero-invariant group knobs."""
+"""`OTOArguments` (the HSPG and zero-invariant group knobs) and `OTOTrainingArguments`, the `TrainingArguments` of an
+OTO run that adds them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Optional
 
 from transformers import TrainingArguments
 from transformers.utils import logging
+
+from .distributed import check_distributed_support
 
 
 logger = logging.get_logger(__name__)
@@ -20,11 +23,12 @@ DEFAULT_INIT_FRACTION = 0.5
 
 
 @dataclass
-class OTOTrainingArguments(TrainingArguments):
+class OTOArguments:
     r"""
-    [`~transformers.TrainingArguments`] for [`OTOTrainer`]: the usual arguments (learning rate, schedule and warm-up,
-    weight decay, Adam betas and epsilon, gradient accumulation, max grad norm, ...) plus the knobs of Only Train
-    Once. The HSPG optimizer replaces the one `optim` would choose.
+    The knobs of Only Train Once, on their own: the HSPG hyper-parameters and which zero-invariant groups to train.
+    [`OTOTrainingArguments`] adds them to the `Trainer`'s arguments; a training loop of your own (e.g.
+    `scripts/run_text_classification_oto_no_trainer.py` with Accelerate) parses them next to its other arguments with
+    `HfArgumentParser` and builds HSPG with [`OTOArguments.hspg_kwargs`].
 
     Parameters:
         oto_lambda (`float`, *optional*, defaults to `1e-3`):
@@ -54,16 +58,11 @@ class OTOTrainingArguments(TrainingArguments):
 
     ```python
     >>> from transformers import HfArgumentParser
-    >>> from hf_oto import OTOTrainingArguments
+    >>> from hf_oto.training_args import OTOArguments
 
-    >>> parser = HfArgumentParser(OTOTrainingArguments)
-    >>> (args,) = parser.parse_args_into_dataclasses(
-    ...     ["--output_dir", "out", "--oto_lambda", "0.01", "--oto_init_fraction", "0.25", "--oto_families", "heads"]
-    ... )
-    >>> args.oto_lambda, args.oto_families
-    (0.01, ['heads'])
-    >>> args.resolve_oto_init_steps(max_steps=1000)
-    250
+    >>> (oto_args,) = HfArgumentParser(OTOArguments).parse_args_into_dataclasses(["--oto_lambda", "0.01"])
+    >>> oto_args.hspg_kwargs()["lmbda"], oto_args.resolve_oto_init_steps(max_steps=100)
+    (0.01, 50)
     ```
     """
 
@@ -112,7 +111,6 @@ class OTOTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._validate_oto_arguments()
-        super().__post_init__()
 
     def _validate_oto_arguments(self) -> None:
         if not (isinstance(self.oto_lambda, (int, float)) and math.isfinite(self.oto_lambda) and self.oto_lambda > 0):
@@ -183,6 +181,17 @@ class OTOTrainingArguments(TrainingArguments):
         fraction = DEFAULT_INIT_FRACTION if self.oto_init_fraction is None else self.oto_init_fraction
         return int(math.floor(fraction * max_steps))
 
+    def hspg_kwargs(self) -> dict:
+        """The keyword arguments of [`HSPG`] these knobs set: `lmbda`, `epsilon`, `variant`, `momentum` and
+        `max_group_sparsity` (the learning rate, `init_steps` and the Adam settings come from the training loop)."""
+        return {
+            "lmbda": self.oto_lambda,
+            "epsilon": self.oto_epsilon,
+            "variant": self.oto_variant,
+            "momentum": self.oto_momentum,
+            "max_group_sparsity": self.oto_max_group_sparsity,
+        }
+
     def oto_hyperparameters(self) -> dict:
         """The OTO knobs as a JSON-ready dict (for model cards and logs)."""
         return {
@@ -196,3 +205,40 @@ class OTOTrainingArguments(TrainingArguments):
             "oto_families": list(self.oto_families),
             "oto_exclude": list(self.oto_exclude),
         }
+
+
+@dataclass
+class OTOTrainingArguments(OTOArguments, TrainingArguments):
+    r"""
+    [`~transformers.TrainingArguments`] for [`OTOTrainer`]: the usual arguments (learning rate, schedule and warm-up,
+    weight decay, Adam betas and epsilon, gradient accumulation, max grad norm, ...) plus the knobs of Only Train
+    Once. The HSPG optimizer replaces the one `optim` would choose. `fsdp` and `deepspeed` are refused with a
+    `ValueError` (see `hf_oto.distributed`); multi-process data parallel (`torchrun`, `accelerate launch`) works.
+
+    The `oto_*` parameters are those of [`OTOArguments`].
+
+    Example:
+
+    ```python
+    >>> from transformers import HfArgumentParser
+    >>> from hf_oto import OTOTrainingArguments
+
+    >>> parser = HfArgumentParser(OTOTrainingArguments)
+    >>> (args,) = parser.parse_args_into_dataclasses(
+    ...     ["--output_dir", "out", "--oto_lambda", "0.01", "--oto_init_fraction", "0.25", "--oto_families", "heads"]
+    ... )
+    >>> args.oto_lambda, args.oto_families
+    (0.01, ['heads'])
+    >>> args.resolve_oto_init_steps(max_steps=1000)
+    250
+    ```
+    """
+
+    def __post_init__(self):
+        self._validate_oto_arguments()
+        # Before the Trainer's own set-up (which would import DeepSpeed or build an FSDP plugin).
+        if self.deepspeed:
+            check_distributed_support("DEEPSPEED")
+        if self.fsdp:
+            check_distributed_support("FSDP")
+        TrainingArguments.__post_init__(self)

@@ -13,6 +13,7 @@ stages (Algorithm 2 of the paper):
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -147,8 +148,20 @@ class HSPG(Optimizer):
     member without gradient whose family-mates have one is updated with a zero gradient of `f` (so it still feels
     the penalty and takes part in the half-space test).
 
+    **Non-finite gradients.** With `skip_nonfinite=True` (the default) HSPG first checks that every gradient is
+    finite (one read of the gradients and one host sync per step, about 7% of an AdamW step). If one holds an `inf` or a `NaN`, the whole step is
+    skipped with a warning: parameters, moments, zero groups and the step count stay exactly as they were (a NaN would
+    otherwise reach the group norms and, through the moments, every later step), and `skipped_steps` counts it. This
+    is what `torch.amp.GradScaler` does on an fp16 overflow; under the `Trainer` or Accelerate the learning-rate
+    schedule still advances, as it does for any skipped step there.
+
+    **Data parallel.** Under DDP every rank holds the whole parameters and the same all-reduced gradients, so every
+    rank takes the identical step and zeroes the identical groups. Sharded parameters (FSDP, DeepSpeed ZeRO) are
+    refused: a group norm computed on one rank's shard is not the group's norm.
+
     **State.** Everything lives in `self.state[p]` (`"step"`, `"momentum_buffer"` or `"exp_avg"`/`"exp_avg_sq"`)
-    and in the param groups: `"step_count"` (number of `step()` calls) and the ZIG membership of every parameter as
+    and in the param groups: `"step_count"` (number of steps taken), `"skipped_steps"` (steps skipped for
+    non-finite gradients) and the ZIG membership of every parameter as
     lists parallel to `group["params"]`: `"zig_family"` (family index, `-1` outside the ZIGs), `"zig_dim"` and
     `"zig_num_groups"`. Membership is computed once at construction by matching tensors, so the optimizer survives
     Accelerate swapping the parameter objects and `state_dict()` / `load_state_dict()` resumes the identical
@@ -185,6 +198,9 @@ class HSPG(Optimizer):
             exceed it, only the groups with the smallest `x~_g^T x_g / ||x_g||^2` (ranked globally) are zeroed. Once
             the zero groups fill the bound, the group-lasso term is switched off: it could zero nothing more and would
             only bias the kept groups, which then train on `f` alone (zero groups stay zero). Optimizer-wide.
+        skip_nonfinite (`bool`, *optional*, defaults to `True`):
+            Skip (with a warning) every step whose gradients hold an `inf` or a `NaN`, instead of letting them into the
+            parameters, moments and group norms. Optimizer-wide.
 
     Example:
 
@@ -221,6 +237,7 @@ class HSPG(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         max_group_sparsity: float | None = None,
+        skip_nonfinite: bool = True,
     ):
         if not isinstance(zigs, ZIGSet):
             raise ValueError(
@@ -248,13 +265,14 @@ class HSPG(Optimizer):
             eps=eps,
             weight_decay=weight_decay,
             max_group_sparsity=max_group_sparsity,
+            skip_nonfinite=bool(skip_nonfinite),
         )
         _validate_hyperparameters(defaults, where="")
         param_groups = _materialise(params)
         super().__init__(param_groups, defaults)
         for index, group in enumerate(self.param_groups):
             _validate_hyperparameters(group, where=f" (param group {index})")
-            for key in ("init_steps", "max_group_sparsity", "variant"):
+            for key in ("init_steps", "max_group_sparsity", "variant", "skip_nonfinite"):
                 if group[key] != defaults[key]:
                     raise ValueError(
                         f"{key} is optimizer-wide: param group {index} sets {key}={group[key]!r} but the optimizer "
@@ -274,6 +292,7 @@ class HSPG(Optimizer):
         group.setdefault("zig_dim", [-1] * count)
         group.setdefault("zig_num_groups", [0] * count)
         group.setdefault("step_count", max((g.get("step_count", 0) for g in self.param_groups), default=0))
+        group.setdefault("skipped_steps", max((g.get("skipped_steps", 0) for g in self.param_groups), default=0))
 
     def _assign_zig_membership(self, zigs: ZIGSet) -> None:
         # A map from tensor identity to position, used only here, at construction.
@@ -285,6 +304,7 @@ class HSPG(Optimizer):
         for family_index, family in enumerate(zigs.families):
             for member in family.members:
                 param = zigs.parameter(member.param_name)
+                _check_not_sharded(param, member.param_name)
                 if id(param) not in position:
                     missing.append(member.param_name)
                     continue
@@ -316,10 +336,12 @@ class HSPG(Optimizer):
             group.setdefault("eps", 1e-8)
             group.setdefault("weight_decay", 0.0)
             group.setdefault("max_group_sparsity", None)
+            group.setdefault("skip_nonfinite", True)
             group.setdefault("zig_family", [-1] * count)
             group.setdefault("zig_dim", [-1] * count)
             group.setdefault("zig_num_groups", [0] * count)
             group.setdefault("step_count", 0)
+            group.setdefault("skipped_steps", 0)
 
     # ------------------------------------------------------------------------------------------------------------
     # Read-only helpers
@@ -328,6 +350,11 @@ class HSPG(Optimizer):
     def step_count(self) -> int:
         """Number of `step()` calls so far (restored by `load_state_dict`)."""
         return max(group["step_count"] for group in self.param_groups)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Number of steps skipped because a gradient was not finite (restored by `load_state_dict`)."""
+        return max(group.get("skipped_steps", 0) for group in self.param_groups)
 
     @property
     def init_steps(self) -> int:
@@ -359,6 +386,8 @@ class HSPG(Optimizer):
                 loss = closure()
 
         count = self.step_count
+        if self.param_groups[0]["skip_nonfinite"] and self._skip_nonfinite(count):
+            return loss
         half_space = count >= self.init_steps
         if half_space and count == self.init_steps:
             logger.info(
@@ -382,6 +411,7 @@ class HSPG(Optimizer):
             ):
                 if family < 0:
                     continue
+                _check_not_sharded(param, f"a member of family {family}")
                 squared = _row_squared_norm(param.detach(), dim, num_groups)
                 family_squared[family] = squared if family not in family_squared else family_squared[family] + squared
                 family_size[family] = num_groups
@@ -426,6 +456,30 @@ class HSPG(Optimizer):
         for group in self.param_groups:
             group["step_count"] = count + 1
         return loss
+
+    def _skip_nonfinite(self, count: int) -> bool:
+        """Whether a gradient holds an `inf` or a `NaN` (one read of the gradients, one host sync); if so, counts the
+        skipped step and warns. Nothing else is touched."""
+        grads = [param.grad for group in self.param_groups for param in group["params"] if param.grad is not None]
+        grads = [grad for grad in grads if not grad.is_sparse and grad.numel() > 0]
+        if not grads:
+            return False
+        # min and max of each gradient: both finite exactly when the gradient is (NaN propagates; no overflow, unlike
+        # a sum or a 2-norm of large finite values). About 7% of an AdamW step of BERT-base on one CPU thread; the
+        # foreach inf-norm is 20x slower on CPU.
+        extrema = torch.stack([torch.stack(torch.aminmax(grad)).float() for grad in grads])
+        bad = int((~extrema.isfinite().all(dim=1)).sum())
+        if bad == 0:
+            return False
+        for group in self.param_groups:
+            group["skipped_steps"] = group.get("skipped_steps", 0) + 1
+        logger.warning(
+            f"HSPG: non-finite gradients (inf or NaN) in {bad} of {len(grads)} parameters at step {count}; the step "
+            "is skipped (parameters, optimizer state, zero groups and the step count are unchanged; "
+            f"{self.skipped_steps} skipped so far). If this repeats, lower the learning rate, clip the gradients "
+            "(`max_grad_norm`) or train in bf16 rather than fp16."
+        )
+        return True
 
     def _bound_reached(self, family_squared: dict[int, torch.Tensor], family_size: dict[int, int]) -> bool:
         """Whether the zero groups already fill `max_group_sparsity` (one host sync; `False` without a bound)."""
@@ -746,6 +800,21 @@ class HSPG(Optimizer):
                 buffer = state.get(key)
                 if buffer is not None:
                     _grouped(buffer, member.dim, member.num_groups).index_fill_(axis, rows, 0)
+
+
+def _check_not_sharded(param: torch.Tensor, name: str) -> None:
+    """Refuses a parameter sharded across ranks (FSDP2 `DTensor`, FSDP1 flat parameters): its local group norms would
+    be those of a shard, not of the group."""
+    sharded = getattr(param, "_is_flat_param", False) or getattr(param, "_fsdp_flattened", False)
+    dtensor = sys.modules.get("torch.distributed.tensor")  # no DTensor can exist before this module is imported
+    if not sharded and dtensor is not None and isinstance(param, dtensor.DTensor):
+        sharded = True
+    if sharded:
+        raise ValueError(
+            f"HSPG got a sharded parameter ({name!r}, {type(param).__name__}): FSDP and DeepSpeed ZeRO split parameters "
+            "across ranks, so the group norms and the half-space test of one rank would be wrong. Train with data "
+            "parallel (DDP: `accelerate launch --multi_gpu` or `torchrun`), where every rank holds whole parameters."
+        )
 
 
 def _materialise(params: Any) -> list[dict[str, Any]] | list[torch.Tensor]:
