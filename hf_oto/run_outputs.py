@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,30 @@ class OTORunOutputArguments:
     pruned_model_dir: str | None = field(
         default=None, metadata={"help": "Where the slim model goes (default: <output_dir>/pruned)."}
     )
+
+
+def check_pruned_dir(pruned_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuses, before any training, a slim-model folder that already holds files (e.g. the slim model of an earlier
+    run), unless `overwrite`: saving into it would otherwise fail only once training is over.
+
+    Example:
+
+    ```python
+    >>> check_pruned_dir("outputs/run/pruned", overwrite=False)  # fine when missing or empty
+    ```
+    """
+    path = Path(pruned_dir)
+    if overwrite or not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"The slim-model folder {str(path)!r} is a file; choose a folder (--pruned_model_dir).")
+    held = sorted(entry.name for entry in path.iterdir())
+    if held:
+        raise ValueError(
+            f"The slim-model folder {str(path)!r} already holds {', '.join(held[:5])}"
+            f"{' ...' if len(held) > 5 else ''} (a model of an earlier run?). Choose another --output_dir or "
+            "--pruned_model_dir, or pass --overwrite_output_dir to write over it."
+        )
 
 
 def write_run_outputs(
@@ -76,12 +101,53 @@ def write_run_outputs(
     ```
     """
     trainer.save_pruned_model(pruned_dir, overwrite=overwrite)
+    return finish_run_outputs(
+        trainer.model,
+        results,
+        pruned_dir=pruned_dir,
+        output_dir=trainer.args.output_dir,
+        write_card=trainer.write_oto_model_card,
+        is_main_process=trainer.is_world_process_zero(),
+        tokenizer=tokenizer,
+        export_onnx=export_onnx,
+        dense_reference=dense_reference,
+        benchmark_batch_size=benchmark_batch_size,
+        benchmark_repeats=benchmark_repeats,
+        seq_length=seq_length,
+    )
+
+
+def finish_run_outputs(
+    slim: nn.Module,
+    results: dict[str, Any],
+    *,
+    pruned_dir: str,
+    output_dir: str,
+    write_card: Callable[..., Any],
+    is_main_process: bool = True,
+    tokenizer: Any | None = None,
+    export_onnx: bool = False,
+    dense_reference: nn.Module | None = None,
+    benchmark_batch_size: int = 1,
+    benchmark_repeats: int = 30,
+    seq_length: int = 128,
+) -> dict[str, Any]:
+    """What follows saving the slim model into `pruned_dir`, with or without a `Trainer`: the optional ONNX export
+    and speedup (the card is then rewritten through `write_card(pruned_dir, speedup=..., has_onnx=True)`), and
+    `all_results.json` in `output_dir` (written by the main process).
+
+    Example:
+
+    ```python
+    >>> finish_run_outputs(slim, results, pruned_dir="out/pruned", output_dir="out", write_card=my_card_writer)
+    ```
+    """
     results["pruned_model_dir"] = pruned_dir
     if export_onnx or dense_reference is not None:
         from .onnx import onnx_workflow  # needs optimum[onnxruntime]
 
         onnx_results, card_speedup = onnx_workflow(
-            trainer.model,
+            slim,
             pruned_dir,
             dense=dense_reference,
             tokenizer=tokenizer,
@@ -90,12 +156,12 @@ def write_run_outputs(
             repeats=benchmark_repeats,
         )
         results.update(onnx_results)
-        if trainer.is_world_process_zero():
-            trainer.write_oto_model_card(pruned_dir, speedup=card_speedup, has_onnx=True)
-    if trainer.is_world_process_zero():
-        output_dir = Path(trainer.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with open(os.path.join(output_dir, "all_results.json"), "w") as handle:
+        if is_main_process:
+            write_card(pruned_dir, speedup=card_speedup, has_onnx=True)
+    if is_main_process:
+        path = Path(output_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        with open(path / "all_results.json", "w") as handle:
             json.dump(results, handle, indent=2, sort_keys=True)
         logger.info(f"Results: {json.dumps(results, indent=2, sort_keys=True)}")
     return results

@@ -47,7 +47,7 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
-from hf_oto.run_outputs import OTORunOutputArguments, write_run_outputs
+from hf_oto.run_outputs import OTORunOutputArguments, check_pruned_dir, write_run_outputs
 from hf_oto.squad import (
     postprocess_qa_predictions,
     prepare_eval_features,
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     std_logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=std_logging.INFO)
     logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
+    pruned_dir = data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned")
+    check_pruned_dir(pruned_dir, training_args.overwrite_output_dir)  # before training, not after it
 
     raw = load_raw_datasets(data_args, model_args.cache_dir)
     if training_args.do_train and "train" not in raw:
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_run_outputs(
         trainer,
         results,
-        pruned_dir=data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned"),
+        pruned_dir=pruned_dir,
         overwrite=training_args.overwrite_output_dir,
         tokenizer=tokenizer,
         export_onnx=data_args.export_onnx,

@@ -42,16 +42,13 @@ import copy
 import logging as std_logging
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    EvalPrediction,
     HfArgumentParser,
     default_data_collator,
     set_seed,
@@ -59,199 +56,19 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
-from hf_oto.run_outputs import OTORunOutputArguments, write_run_outputs
+from hf_oto.data.text_classification import (  # noqa: F401  (build_label_list, label_names: the script's API)
+    DataTrainingArguments,
+    ModelArguments,
+    build_label_list,
+    compute_metrics,
+    label_names,
+    load_text_classification_splits,
+    tokenize_splits,
+)
+from hf_oto.run_outputs import check_pruned_dir, write_run_outputs
 
 
 logger = logging.get_logger("hf_oto.run_text_classification_oto")
-
-FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
-"""Local file extension → `datasets` builder."""
-DEFAULT_TEXT_COLUMNS = ("text", "sentence")
-"""Text columns tried, in order, when `--text_column_name` is not given."""
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "Path to a pretrained model folder or a Hub model id."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads and datasets are stored."})
-    ignore_mismatched_sizes: bool = field(
-        default=False,
-        metadata={
-            "help": "Load a checkpoint whose classification head has another number of labels (re-initialised)."
-        },
-    )
-
-
-@dataclass
-class DataTrainingArguments(OTORunOutputArguments):
-    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` name, e.g. glue (needs the hub)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration, e.g. sst2."})
-    train_file: str | None = field(default=None, metadata={"help": "Local training file (.csv, .tsv, .json, .jsonl)."})
-    validation_file: str | None = field(default=None, metadata={"help": "Local validation file (same formats)."})
-    test_file: str | None = field(
-        default=None, metadata={"help": "Local test file (same formats; labels not needed) for --do_predict."}
-    )
-    text_column_name: str | None = field(
-        default=None, metadata={"help": f"Column of the text (default: the first of {list(DEFAULT_TEXT_COLUMNS)})."}
-    )
-    text_pair_column_name: str | None = field(
-        default=None, metadata={"help": "Column of the second text, for sentence-pair tasks."}
-    )
-    label_column_name: str = field(default="label", metadata={"help": "Column of the labels (strings or integers)."})
-    max_seq_length: int = field(default=128, metadata={"help": "Tokens per example; longer ones are truncated."})
-    pad_to_max_length: bool = field(
-        default=False,
-        metadata={"help": "Pad every example to max_seq_length (default: pad each batch to its longest example)."},
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation examples."})
-    max_predict_samples: int | None = field(default=None, metadata={"help": "Truncate the test examples."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenization."})
-
-    def __post_init__(self):
-        files = {"train_file": self.train_file, "validation_file": self.validation_file, "test_file": self.test_file}
-        if self.dataset_name is None and not any(files.values()):
-            raise ValueError("Pass --dataset_name (e.g. glue) or local --train_file/--validation_file/--test_file.")
-        if self.dataset_name is not None and any(files.values()):
-            raise ValueError(
-                "Pass either --dataset_name or local --train_file/--validation_file/--test_file, not both."
-            )
-        for name, path in files.items():
-            if path is not None and file_format(path) is None:
-                raise ValueError(
-                    f"--{name} {path!r} has an unknown extension {Path(path).suffix!r}; use one of "
-                    f"{', '.join(sorted(FILE_FORMATS))}."
-                )
-        for name in ("max_seq_length", "max_train_samples", "max_eval_samples", "max_predict_samples"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name} must be a positive number; got {value}.")
-
-
-def file_format(path: str) -> str | None:
-    """The `datasets` builder of a local file, from its extension (`None` when unknown)."""
-    return FILE_FORMATS.get(Path(path).suffix.lower())
-
-
-def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> DatasetDict:
-    """The raw splits: from the hub with `--dataset_name`, else from the local files (each file on its own, so they
-    may have different formats)."""
-    if data_args.dataset_name is not None:
-        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
-    splits = {}
-    for split, path in (
-        ("train", data_args.train_file),
-        ("validation", data_args.validation_file),
-        ("test", data_args.test_file),
-    ):
-        if path is None:
-            continue
-        if not os.path.isfile(path):
-            raise ValueError(f"The {split} file {path!r} does not exist.")
-        kwargs = {"delimiter": "\t"} if Path(path).suffix.lower() == ".tsv" else {}
-        splits[split] = load_dataset(
-            file_format(path), data_files={split: path}, split=split, cache_dir=cache_dir, **kwargs
-        )
-    return DatasetDict(splits)
-
-
-def resolve_text_column(data_args: DataTrainingArguments, raw: DatasetDict) -> str:
-    if data_args.text_column_name is not None:
-        return data_args.text_column_name
-    columns = next(iter(raw.values())).column_names
-    for name in DEFAULT_TEXT_COLUMNS:
-        if name in columns:
-            return name
-    raise ValueError(
-        f"No --text_column_name given and the data has none of the default text columns {list(DEFAULT_TEXT_COLUMNS)}"
-        f"; its columns are: {', '.join(columns)}."
-    )
-
-
-def check_columns(split: str, dataset: Dataset, required: dict[str, str]) -> None:
-    """Raises a `ValueError` naming the available columns when one of `required` (option → column) is missing."""
-    for option, column in required.items():
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"The {split} data has no column {column!r} (--{option}); its columns are: "
-                f"{', '.join(dataset.column_names)}."
-            )
-
-
-def clean_split(
-    split: str, dataset: Dataset, columns: list[str], max_samples: int | None, num_proc: int | None
-) -> Dataset:
-    """Drops the rows whose text or label is missing, truncates to `max_samples`, and refuses an empty result."""
-    before = len(dataset)
-    dataset = dataset.filter(
-        lambda row: all(row[c] is not None and (not isinstance(row[c], str) or row[c].strip()) for c in columns),
-        num_proc=num_proc,
-        desc=f"Dropping {split} rows with a missing text or label",
-    )
-    if len(dataset) < before:
-        logger.warning(f"Dropped {before - len(dataset)} {split} rows with a missing or empty {' or '.join(columns)}.")
-    if max_samples is not None:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
-    if len(dataset) == 0:
-        raise ValueError(
-            f"The {split} split is empty after dropping rows with a missing {' or '.join(columns)}"
-            + (f" and keeping the first {max_samples}" if max_samples is not None else "")
-            + f" ({before} rows before)."
-        )
-    return dataset
-
-
-def build_label_list(train: Dataset, label_column: str) -> list:
-    """The sorted set of training labels; floats that are not whole numbers (regression targets) are refused."""
-    labels = set(train[label_column])
-    if any(isinstance(label, float) and not float(label).is_integer() for label in labels):
-        raise ValueError(
-            f"The label column {label_column!r} holds non-integer numbers (e.g. {sorted(labels)[:3]}): this script "
-            "does classification, not regression."
-        )
-    labels = {int(label) if isinstance(label, float) else label for label in labels}
-    try:
-        return sorted(labels)
-    except TypeError:  # mixed strings and numbers
-        return sorted(labels, key=str)
-
-
-def label_names(dataset: Dataset, label_column: str, label_list: list) -> list[str]:
-    """The names of the labels in the model config: the class names of a `ClassLabel` column (hub datasets such as
-    GLUE), else the labels themselves as strings."""
-    feature = dataset.features.get(label_column)
-    if isinstance(feature, ClassLabel):
-        return [feature.int2str(int(label)) for label in label_list]
-    return [str(label) for label in label_list]
-
-
-def check_labels(split: str, dataset: Dataset, label_column: str, label_to_id: dict) -> None:
-    """Raises a `ValueError` listing the labels of `dataset` that training never saw."""
-    unseen = {label for label in dataset[label_column] if _label_key(label) not in label_to_id}
-    if unseen:
-        raise ValueError(
-            f"The {split} data has labels that the training data never has: {sorted(map(str, unseen))}; the "
-            f"training labels are: {[str(label) for label in label_to_id]}."
-        )
-
-
-def _label_key(label):
-    return int(label) if isinstance(label, float) and float(label).is_integer() else label
-
-
-def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """Accuracy, plus precision/recall/F1 of label id 1 when there are two classes (numpy only, no hub)."""
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    predicted = np.argmax(logits, axis=-1)
-    references = np.asarray(prediction.label_ids)
-    metrics = {"accuracy": float((predicted == references).mean())}
-    if logits.shape[-1] == 2:
-        true_positives = float(((predicted == 1) & (references == 1)).sum())
-        precision = true_positives / max(float((predicted == 1).sum()), 1.0)
-        recall = true_positives / max(float((references == 1).sum()), 1.0)
-        metrics["f1"] = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return metrics
 
 
 def parse_arguments(argv: list[str] | None = None):
@@ -270,43 +87,14 @@ def run(
     std_logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=std_logging.INFO)
     logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
+    pruned_dir = data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned")
+    check_pruned_dir(pruned_dir, training_args.overwrite_output_dir)  # before training, not after it
 
     # Data checks first: everything here fails in seconds, before the model is loaded or trained.
-    raw = load_raw_datasets(data_args, model_args.cache_dir)
-    if "train" not in raw:
-        raise ValueError(
-            "The label set comes from the training data: pass --train_file (or a dataset with a train split)."
-        )
-    if training_args.do_eval and "validation" not in raw:
-        raise ValueError("--do_eval needs a validation split: pass --validation_file.")
-    if training_args.do_predict and "test" not in raw:
-        raise ValueError("--do_predict needs a test split: pass --test_file.")
-    text_column = resolve_text_column(data_args, raw)
-    label_column = data_args.label_column_name
-    text_columns = {"text_column_name": text_column}
-    if data_args.text_pair_column_name is not None:
-        text_columns["text_pair_column_name"] = data_args.text_pair_column_name
-    labelled = {**text_columns, "label_column_name": label_column}
-
-    splits: dict[str, Dataset] = {}
-    plan = [("train", labelled, data_args.max_train_samples)]
-    if training_args.do_eval:
-        plan.append(("validation", labelled, data_args.max_eval_samples))
-    if training_args.do_predict:
-        plan.append(("test", text_columns, data_args.max_predict_samples))
-    for split, required, max_samples in plan:
-        check_columns(split, raw[split], required)
-        splits[split] = clean_split(
-            split, raw[split], list(required.values()), max_samples, data_args.preprocessing_num_workers
-        )
-    label_list = build_label_list(splits["train"], label_column)
-    if len(label_list) < 2:
-        raise ValueError(f"The training data has a single label {label_list}; classification needs at least two.")
-    label_to_id = {label: index for index, label in enumerate(label_list)}
-    if "validation" in splits:
-        check_labels("validation", splits["validation"], label_column, label_to_id)
-    id2label = dict(enumerate(label_names(splits["train"], label_column, label_list)))
-    logger.info(f"{len(label_list)} labels: {id2label}")
+    data = load_text_classification_splits(
+        data_args, model_args.cache_dir, do_eval=training_args.do_eval, do_predict=training_args.do_predict
+    )
+    label_list, id2label = data.label_list, data.id2label
 
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir
@@ -319,33 +107,9 @@ def run(
         cache_dir=model_args.cache_dir,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
     )
-    if data_args.max_seq_length > tokenizer.model_max_length:
-        logger.warning(
-            f"--max_seq_length {data_args.max_seq_length} is longer than the tokenizer's maximum "
-            f"({tokenizer.model_max_length}); using {tokenizer.model_max_length}."
-        )
-    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
-    padding = "max_length" if data_args.pad_to_max_length else False
-
-    def tokenize(batch):
-        pairs = batch[data_args.text_pair_column_name] if data_args.text_pair_column_name else None
-        encoded = tokenizer(batch[text_column], pairs, padding=padding, max_length=max_seq_length, truncation=True)
-        if label_column in batch:
-            encoded["labels"] = [label_to_id[_label_key(label)] for label in batch[label_column]]
-        return encoded
-
-    features: dict[str, Dataset] = {}
-    for split, dataset in splits.items():
-        if split == "test" and label_column in dataset.column_names:
-            dataset = dataset.remove_columns(label_column)  # test labels may be unseen or missing: predict only
-        with training_args.main_process_first(desc=f"{split} dataset map pre-processing"):
-            features[split] = dataset.map(
-                tokenize,
-                batched=True,
-                num_proc=data_args.preprocessing_num_workers,
-                remove_columns=dataset.column_names,
-                desc=f"Tokenizing the {split} set",
-            )
+    features, max_seq_length = tokenize_splits(
+        data, data_args, tokenizer, main_process_first=training_args.main_process_first
+    )
 
     trainer = OTOTrainer(
         model=model,
@@ -407,7 +171,7 @@ def run(
     write_run_outputs(
         trainer,
         results,
-        pruned_dir=data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned"),
+        pruned_dir=pruned_dir,
         overwrite=training_args.overwrite_output_dir,
         tokenizer=tokenizer,
         export_onnx=data_args.export_onnx,
