@@ -140,6 +140,10 @@ class LoopArguments:
         metadata={"help": "A checkpoint folder, or 'latest' for the last complete one in <output_dir>/checkpoints."},
     )
     logging_steps: int = field(default=10, metadata={"help": "Log loss, learning rate and sparsity every N steps."})
+    use_cpu: bool = field(
+        default=False,
+        metadata={"help": "Train on CPUs even if a GPU is available (chosen by itself on a machine without GPUs)."},
+    )
 
     def __post_init__(self):
         self.lr_scheduler_type = SchedulerType(self.lr_scheduler_type)
@@ -279,13 +283,23 @@ def run(
 ) -> dict[str, Any]:
     """Trains with HSPG under Accelerate, prunes, evaluates and saves; returns the results (written to
     `all_results.json` by the main process)."""
+    # Accelerate sets up multi-process CPU training only when told to run on the CPU; without it, each process
+    # launched on a machine without GPUs would train alone.
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     accelerator = Accelerator(
+        cpu=loop_args.use_cpu or not has_accelerator,
         gradient_accumulation_steps=loop_args.gradient_accumulation_steps,
         mixed_precision=loop_args.mixed_precision,
         # The data order of epoch e depends only on the seed and e: the same on every rank, and after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     check_distributed_support(accelerator.distributed_type)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ValueError(
+            f"The launcher started {launched} processes but Accelerate set up {accelerator.num_processes}: they would "
+            "train independently. On CPUs pass --use_cpu; otherwise check the accelerate config (`accelerate env`)."
+        )
     std_logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=std_logging.INFO)
     if accelerator.is_main_process:
         logging.set_verbosity_info()
@@ -465,6 +479,10 @@ def run(
             total_steps=max_steps,
         )
     accelerator.wait_for_everyone()
+    # Release the DDP wrapper (its reducer holds the process group) before the process group is destroyed: a gloo
+    # group destroyed under a live reducer can hang in its destructor at exit.
+    model = optimizer = lr_scheduler = train_dataloader = epoch_loader = None
+    accelerator.free_memory()
     accelerator.end_training()
     return results
 
