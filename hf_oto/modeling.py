@@ -112,12 +112,18 @@ def _weight_files(directory: Path) -> list[Path]:
 def _read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
     state_dict: dict[str, torch.Tensor] = {}
     for file in files:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        try:
+            if file.suffix == ".safetensors":
+                from safetensors.torch import load_file
 
-            state_dict.update(load_file(str(file)))
-        else:
-            state_dict.update(torch.load(file, map_location="cpu", weights_only=True))
+                state_dict.update(load_file(str(file)))
+            else:
+                state_dict.update(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as error:  # safetensors and torch raise their own error types on unreadable files
+            raise ValueError(
+                f"Cannot read the weights file {str(file)!r} ({type(error).__name__}: {error}): it is truncated or "
+                "corrupt. Download it again, or save the model again with `save_pruned_model`."
+            ) from error
     return state_dict
 
 
