@@ -99,3 +99,22 @@ def test_trainer_script_refuses_a_slim_folder_of_an_earlier_run_before_training(
     ):
         load_script().main(argv)
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["pruned"]  # nothing was trained or written
+
+
+def test_from_pretrained_forced_with_ignore_mismatched_sizes_is_another_model(tmp_path):
+    """Plain `from_pretrained` refuses a pruned folder (see tests/test_modeling.py); forcing it with
+    `ignore_mismatched_sizes=True` gives the dense architecture with re-initialised tensors, and transformers warns."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    model = tiny_model("bert")
+    zigs = build_zigs(model)
+    zigs.set_zero(zigs.random_zero_mask(0.3, generator=torch.Generator().manual_seed(0)))
+    slim, _ = prune_zero_groups(model, zigs, seq_length=16)
+    save_pruned_model(slim, tmp_path)
+    with CaptureLogger(logging.get_logger("transformers.modeling_utils")) as captured:
+        forced = AutoModelForSequenceClassification.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+    assert "found shape" in captured.out and "newly initialized" in captured.out
+    assert sum(p.numel() for p in forced.parameters()) > sum(p.numel() for p in slim.parameters())
+    reloaded = load_pruned_model(tmp_path, AutoModelForSequenceClassification)
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in slim.parameters())
