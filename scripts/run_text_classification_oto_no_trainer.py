@@ -27,8 +27,7 @@ python scripts/run_text_classification_oto_no_trainer.py --model_name_or_path pa
 accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 \
     scripts/run_text_classification_oto_no_trainer.py --model_name_or_path bert-base-uncased \
     --dataset_name glue --dataset_config_name sst2 --text_column_name sentence --output_dir outputs/sst2-oto \
-    --do_eval --per_device_train_batch_size 16 --gradient_accumulation_steps 2 --mixed_precision bf16 \
-    --checkpointing_steps 1000
+    --do_eval --per_device_train_batch_size 16 --gradient_accumulation_steps 2 --checkpointing_steps 1000
 
 # data parallel on 2 CPU processes (gloo): the same command without GPUs
 accelerate launch --multi_gpu --num_processes 2 scripts/run_text_classification_oto_no_trainer.py ...
@@ -121,11 +120,12 @@ class LoopArguments:
     lr_scheduler_type: SchedulerType = field(default="linear", metadata={"help": "Learning-rate schedule."})
     warmup_steps: int = field(default=0, metadata={"help": "Warm-up optimizer steps of the schedule."})
     seed: int = field(default=42, metadata={"help": "Seed of the model head, data order and dropout."})
-    mixed_precision: str = field(
-        default="no",
+    mixed_precision: str | None = field(
+        default=None,
         metadata={
             "help": "Mixed precision: bf16 (CPUs and recent GPUs) or fp16 (GPUs, with loss scaling: overflowing steps "
-            "are skipped).",
+            "are skipped). Default: the launcher's (`accelerate launch --mixed_precision`, `accelerate config`), "
+            "else no.",
             "choices": ["no", "fp16", "bf16"],
         },
     )
@@ -305,7 +305,7 @@ def run(
         logging.set_verbosity_info()
     else:
         logging.set_verbosity_error()
-    if loop_args.mixed_precision == "fp16" and accelerator.scaler is None:
+    if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
         logger.warning("fp16 mixed precision needs a GPU with loss scaling; training in float32 here (try bf16).")
     logger.info(f"{accelerator.state}")
 
