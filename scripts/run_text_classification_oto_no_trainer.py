@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import send_to_device
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import (
@@ -261,14 +262,15 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
 
 
 def evaluate(model: torch.nn.Module, dataloader: DataLoader) -> dict[str, float]:
-    """Loss and metrics of `model` over `dataloader` (one process)."""
+    """Loss and metrics of `model` over `dataloader` (one process, on the model's device)."""
     model.eval()
+    device = next(model.parameters()).device
     logits, labels, losses = [], [], []
     with torch.no_grad():
         for batch in dataloader:
-            outputs = model(**batch)
+            outputs = model(**send_to_device(batch, device))
             losses.append(float(outputs.loss) * len(batch["labels"]))
-            logits.append(outputs.logits.float().numpy())
+            logits.append(outputs.logits.float().cpu().numpy())
             labels.append(batch["labels"].numpy())
     metrics = compute_metrics(EvalPrediction(predictions=np.concatenate(logits), label_ids=np.concatenate(labels)))
     metrics["loss"] = sum(losses) / sum(len(batch) for batch in labels)
@@ -510,7 +512,8 @@ def write_outputs(
     results["dense_params"] = count_parameters(model)
     results["dense_flops"] = count_flops(model, seq_length=seq_length)
     check_split = features["validation"] if "validation" in features else features["train"]
-    check_batch = collator([check_split[i] for i in range(min(8, len(check_split)))])
+    device = next(model.parameters()).device
+    check_batch = send_to_device(collator([check_split[i] for i in range(min(8, len(check_split)))]), device)
     # The full-size group-sparse model, kept only to measure the slim model's speedup against it.
     dense_reference = copy.deepcopy(model).eval() if data_args.benchmark_speedup else None
     slim, report, difference = prune_and_check(model, zigs, check_batch, seq_length=seq_length)
@@ -529,7 +532,7 @@ def write_outputs(
     if loop_args.do_predict:
         slim.eval()
         with torch.no_grad():
-            predictions = [slim(**batch).logits.argmax(-1) for batch in loader("test")]
+            predictions = [slim(**send_to_device(batch, device)).logits.argmax(-1).cpu() for batch in loader("test")]
         predictions = torch.cat(predictions).tolist()
         results["predict_samples"] = len(predictions)
         Path(loop_args.output_dir).mkdir(parents=True, exist_ok=True)
