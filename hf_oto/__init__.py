@@ -9,6 +9,7 @@ __version__ = "0.1.0.dev0"
 from .callbacks import OTOSparsityCallback
 from .flops import count_flops, count_parameters
 from .modeling import load_pruned_model, save_pruned_model
+from .models import CifarConvNetConfig, CifarConvNetForImageClassification
 from .optim import HSPG
 from .pruning import PrunedAttention, PruningReport, apply_layout, prune_zero_groups
 from .trainer import OTOTrainer
@@ -37,6 +38,8 @@ def __getattr__(name: str):
 __all__ = [
     "HSPG",
     "ChannelAdapter",
+    "CifarConvNetConfig",
+    "CifarConvNetForImageClassification",
     "OTOSparsityCallback",
     "OTOTrainer",
     "OTOTrainingArguments",

@@ -92,14 +92,14 @@ def build_zigs(
         )
     all_families: list[ZIGFamily] = []
     transformer_kinds = [kind for kind in families if kind in TRANSFORMER_FAMILIES]
+    if transformer_kinds and "channels" in families:
+        raise ValueError(
+            f"Build either transformer groups {list(TRANSFORMER_FAMILIES)} or 'channels', not both in one ZIGSet: got "
+            f"families={list(families)}."
+        )
     if transformer_kinds:
         all_families += transformer_families(model, transformer_kinds)
     if "channels" in families:
-        if transformer_kinds:
-            raise ValueError(
-                f"Build either transformer groups {list(TRANSFORMER_FAMILIES)} or 'channels', not both in one ZIGSet: "
-                f"got families={list(families)}."
-            )
         channels, dense = channel_families(model, example_inputs)
         for line in describe_dense_channels(dense):
             logger.info(line)

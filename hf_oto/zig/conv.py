@@ -26,10 +26,12 @@ are handled by a [`ChannelAdapter`] registered with [`register_channel_adapter`]
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging as pylogging
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -308,7 +310,24 @@ def _main_input_name(model: nn.Module) -> str:
     return next(iter(inspect.signature(model.forward).parameters))
 
 
+@contextlib.contextmanager
+def _quiet_fx_warnings() -> Iterator[None]:
+    """Hides torch.fx's notice that `is_fx_tracing` also covers `torch.export` (logged on every trace)."""
+    fx_logger = pylogging.getLogger("torch.fx._symbolic_trace")
+    level = fx_logger.level
+    fx_logger.setLevel(pylogging.ERROR)
+    try:
+        yield
+    finally:
+        fx_logger.setLevel(level)
+
+
 def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    with _quiet_fx_warnings():
+        return _trace_model(model)
+
+
+def _trace_model(model: nn.Module) -> torch.fx.GraphModule:
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
@@ -714,12 +733,12 @@ class _ChannelGraph:
         families, dense = [], {}
         for spaces in classes.values():
             producers = [space for space in spaces if space.members]
-            fixed = next((space.fixed for space in spaces if space.fixed), None)
+            reasons = list(dict.fromkeys(space.fixed for space in spaces if space.fixed))
             if not producers:
                 continue
             name = f"{producers[0].producer}.channels"
-            if fixed is not None:
-                dense[name] = fixed
+            if reasons:
+                dense[name] = "; ".join(reasons)
                 continue
             modules = sorted({member.param_name.rpartition(".")[0] for space in spaces for member in space.members})
             families.append(
