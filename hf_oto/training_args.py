@@ -12,7 +12,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-OTO_FAMILIES = ("heads", "ffn")
+OTO_FAMILIES = ("heads", "ffn", "channels")
 OTO_VARIANTS = ("adamw", "sgd")
 DEFAULT_INIT_FRACTION = 0.5
 """Fraction of the training steps spent in the initialization stage when neither `oto_init_steps` nor
@@ -45,8 +45,10 @@ class OTOTrainingArguments(TrainingArguments):
             Momentum in [0, 1) of the `"sgd"` variant.
         oto_max_group_sparsity (`float`, *optional*):
             Upper bound in (0, 1] on the fraction of groups HSPG may zero; no bound when not given.
-        oto_families (`list[str]`, *optional*, defaults to `["heads", "ffn"]`):
-            Which kinds of zero-invariant groups to train for sparsity: attention `"heads"` and/or `"ffn"` rows.
+        oto_families (`list[str]`, *optional*):
+            Which kinds of zero-invariant groups to train for sparsity: attention `"heads"` and/or `"ffn"` rows of a
+            transformer, or `"channels"` of a convolutional network. By default `["heads", "ffn"]` for supported
+            transformers and `["channels"]` for models with convolutions (see [`~hf_oto.build_zigs`]).
         oto_exclude (`list[str]`, *optional*, defaults to `[]`):
             `fnmatch` patterns of group families or parameter names to leave dense, e.g. `"*.layer.0.*"`.
 
@@ -101,9 +103,12 @@ class OTOTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "Upper bound in (0, 1] on the fraction of groups HSPG may set to zero; none by default."},
     )
-    oto_families: list[str] = field(
-        default_factory=lambda: list(OTO_FAMILIES),
-        metadata={"help": "Kinds of zero-invariant groups to train for sparsity: heads and/or ffn."},
+    oto_families: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Kinds of zero-invariant groups to train for sparsity: heads and/or ffn (transformers), or "
+            "channels (conv networks). Default: heads ffn for transformers, channels for models with convolutions."
+        },
     )
     oto_exclude: list[str] = field(
         default_factory=list,
@@ -146,14 +151,16 @@ class OTOTrainingArguments(TrainingArguments):
             )
         if isinstance(self.oto_families, str):
             self.oto_families = [self.oto_families]
-        self.oto_families = list(self.oto_families)
-        unknown = [family for family in self.oto_families if family not in OTO_FAMILIES]
-        if unknown or not self.oto_families:
-            raise ValueError(
-                f"oto_families must be a non-empty list drawn from {list(OTO_FAMILIES)}; got {self.oto_families!r}."
-            )
-        if len(set(self.oto_families)) != len(self.oto_families):
-            raise ValueError(f"oto_families lists a family twice: {self.oto_families!r}.")
+        if self.oto_families is not None:
+            self.oto_families = list(self.oto_families)
+            unknown = [family for family in self.oto_families if family not in OTO_FAMILIES]
+            if unknown or not self.oto_families:
+                raise ValueError(
+                    f"oto_families must be a non-empty list drawn from {list(OTO_FAMILIES)} (or unset for the model's "
+                    f"default); got {self.oto_families!r}."
+                )
+            if len(set(self.oto_families)) != len(self.oto_families):
+                raise ValueError(f"oto_families lists a family twice: {self.oto_families!r}.")
         if isinstance(self.oto_exclude, str):
             self.oto_exclude = [self.oto_exclude]
         self.oto_exclude = list(self.oto_exclude)
@@ -193,6 +200,6 @@ class OTOTrainingArguments(TrainingArguments):
             "oto_variant": self.oto_variant,
             "oto_momentum": self.oto_momentum,
             "oto_max_group_sparsity": self.oto_max_group_sparsity,
-            "oto_families": list(self.oto_families),
+            "oto_families": list(self.oto_families) if self.oto_families is not None else None,
             "oto_exclude": list(self.oto_exclude),
         }
