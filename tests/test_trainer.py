@@ -69,7 +69,10 @@ def oto_args(output_dir, **overrides) -> OTOTrainingArguments:
         ({"oto_momentum": 1.0}, r"oto_momentum must be in \[0, 1\)"),
         ({"oto_max_group_sparsity": 0.0}, r"oto_max_group_sparsity must be in \(0, 1\]"),
         ({"oto_max_group_sparsity": 1.2}, "got 1.2"),
-        ({"oto_families": ["heads", "wings"]}, r"drawn from \['heads', 'ffn', 'channels'\] .*; got \['heads', 'wings'\]"),
+        (
+            {"oto_families": ["heads", "wings"]},
+            r"drawn from \['heads', 'ffn', 'channels'\] .*; got \['heads', 'wings'\]",
+        ),
         ({"oto_families": []}, "non-empty"),
         ({"oto_exclude": [""]}, "non-empty fnmatch patterns"),
     ],
