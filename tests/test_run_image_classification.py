@@ -90,7 +90,8 @@ def test_script_trains_prunes_and_saves_a_reloadable_slim_convnet(tmp_path):
     pixels = torch.randn(2, 1, 16, 16)
     with torch.no_grad():  # the slim model in memory (trainer.model after prune) and its reloaded copy
         assert torch.equal(slim(pixels).logits, trainer.model.eval()(pixels).logits)
-    assert (output / "pruned" / "README.md").is_file()
+    card = (output / "pruned" / "README.md").read_text()
+    assert "convolution channels" in card and "## Kept channels per layer" in card and "attention heads" not in card
 
 
 def test_dense_baseline_trains_the_same_recipe_without_oto(tmp_path):
