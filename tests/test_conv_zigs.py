@@ -276,3 +276,25 @@ def test_timm_models_prune_exactly():
             reference = model(pixels)
             slim, _ = prune_zero_groups(model, zigs, flops_inputs={"x": pixels[:1]})
             assert (slim(pixels) - reference).abs().max().item() <= TOLERANCE
+
+
+class _BroadcastNet(nn.Module):
+    """A channel-wise mask multiplied in (zero-preserving) and a learned bias map added (not zero-preserving)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(3, 6, 3, padding=1)
+        self.second = nn.Conv2d(6, 5, 3, padding=1)
+        self.offset = nn.Parameter(torch.randn(1, 5, 1, 1))
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.first(x)) * (x.mean(1, keepdim=True) > 0).float()
+        hidden = self.second(hidden) + self.offset
+        return self.head(hidden.amax(dim=(2, 3)))
+
+
+def test_broadcast_masks_keep_channels_prunable_and_added_parameters_keep_them_dense():
+    families, dense = channel_families(_BroadcastNet())
+    assert [family.name for family in families] == ["first.channels"]
+    assert "second.channels" in dense and "offset" in dense["second.channels"]

@@ -666,12 +666,12 @@ class _ChannelGraph:
             else:
                 self.opaque(node, f"{name!r} with a constant that is not a zero-preserving scalar")
             return
-        if len(shape) < 2:
-            self.opaque(node, f"{name!r} on tensors of rank {len(shape)}")
+        if len(shape) < 2 or not operands:
+            self.opaque(node, f"{name!r} on tensors without channels")
             return
         full = [ch for ch in operands if ch.size == shape[1]]
         broadcast = [ch for ch in operands if ch.size != shape[1]]
-        if broadcast and (zero_scalar_only or any(ch.size != 1 for ch in broadcast)):
+        if not full or (broadcast and (zero_scalar_only or any(ch.size != 1 for ch in broadcast))):
             self.opaque(node, f"{name!r} broadcasting over channels")
             return
         reference = full[0]
