@@ -50,12 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_eval_samples", type=int, default=None, help="Default: the whole 10k test set.")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--learning_rate", type=float, default=0.05)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--weight_decay", type=float, default=5e-4)
-    parser.add_argument("--oto_lambda", type=float, default=0.05)
+    parser.add_argument("--oto_variant", choices=["adamw", "sgd"], default="adamw")
+    parser.add_argument("--oto_lambda", type=float, default=5.0)
     parser.add_argument("--oto_epsilon", type=float, default=0.0)
-    parser.add_argument("--oto_init_fraction", type=float, default=0.5)
-    parser.add_argument("--oto_max_group_sparsity", type=float, default=None)
+    parser.add_argument("--oto_init_fraction", type=float, default=0.3)
+    parser.add_argument("--oto_max_group_sparsity", type=float, default=0.6)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output_dir", default="outputs/bench-cnn-fashion-mnist")
     parser.add_argument("--output_json", default=None)
@@ -72,7 +73,7 @@ def run_one(script, args, architecture: str, dense: bool) -> dict:
         "--learning_rate", str(args.learning_rate), "--weight_decay", str(args.weight_decay),
         "--max_train_samples", str(args.max_train_samples), "--seed", str(args.seed), "--report_to", "none",
         "--save_strategy", "no", "--logging_steps", "20", "--dataloader_num_workers", "0",
-        "--oto_variant", "sgd", "--oto_lambda", str(args.oto_lambda), "--oto_epsilon", str(args.oto_epsilon),
+        "--oto_variant", args.oto_variant, "--oto_lambda", str(args.oto_lambda), "--oto_epsilon", str(args.oto_epsilon),
         "--oto_init_fraction", str(args.oto_init_fraction),
     ]  # fmt: skip
     if args.max_eval_samples:
