@@ -9,11 +9,21 @@ __version__ = "0.1.0.dev0"
 from .callbacks import OTOSparsityCallback
 from .flops import count_flops, count_parameters
 from .modeling import load_pruned_model, save_pruned_model
+from .models import CifarConvNetConfig, CifarConvNetForImageClassification
 from .optim import HSPG
 from .pruning import PrunedAttention, PruningReport, apply_layout, prune_zero_groups
 from .trainer import OTOTrainer
 from .training_args import OTOTrainingArguments
-from .zig import TRANSFORMER_LAYOUTS, TransformerLayout, ZIGFamily, ZIGMember, ZIGSet, build_zigs
+from .zig import (
+    TRANSFORMER_LAYOUTS,
+    ChannelAdapter,
+    TransformerLayout,
+    ZIGFamily,
+    ZIGMember,
+    ZIGSet,
+    build_zigs,
+    register_channel_adapter,
+)
 
 
 def __getattr__(name: str):
@@ -27,6 +37,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "HSPG",
+    "ChannelAdapter",
+    "CifarConvNetConfig",
+    "CifarConvNetForImageClassification",
     "OTOSparsityCallback",
     "OTOTrainer",
     "OTOTrainingArguments",
@@ -45,5 +58,6 @@ __all__ = [
     "export_onnx",
     "load_pruned_model",
     "prune_zero_groups",
+    "register_channel_adapter",
     "save_pruned_model",
 ]

@@ -35,7 +35,14 @@ def _ratio(after: int, before: int) -> str:
 
 
 def layout_table(report: PruningReport) -> str:
-    """Markdown table of the kept heads (and KV heads) and FFN rows of every layer."""
+    """Markdown table of the kept heads (and KV heads) and FFN rows of every layer, or of the kept channels of every
+    channel family of a convolutional network."""
+    if report.channels_before is not None:
+        rows = [
+            (f"`{name.removesuffix('.channels')}`", f"{report.channels_after[name]} / {before}")
+            for name, before in report.channels_before.items()
+        ]
+        return _markdown_table(["channels of (and tied to)", "kept"], rows)
     gqa = report.num_key_value_heads_before is not None
     header = ["layer", "heads kept"] + (["KV heads kept"] if gqa else []) + ["FFN rows kept"]
     rows = []
@@ -69,6 +76,8 @@ def plot_layout(report: PruningReport, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if report.channels_before is not None:
+        return _plot_channels(report, Path(path), plt)
     layers = list(range(len(report.num_attention_heads_before)))
     heads = [a / b if b else 0 for a, b in zip(report.num_attention_heads_after, report.num_attention_heads_before)]
     ffn = [a / b if b else 0 for a, b in zip(report.intermediate_size_after, report.intermediate_size_before)]
@@ -92,6 +101,31 @@ def plot_layout(report: PruningReport, path: str | os.PathLike) -> Path:
     axis.legend(loc="upper center", fontsize=8, ncols=2)
     figure.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _plot_channels(report: PruningReport, path: Path, plt) -> Path:
+    before = list(report.channels_before.values())
+    after = [report.channels_after[name] for name in report.channels_before]
+    positions = list(range(len(before)))
+    figure, axis = plt.subplots(figsize=(max(5, 0.35 * len(before) + 2), 3.2), dpi=120)
+    bars = axis.bar(positions, [a / b if b else 0 for a, b in zip(after, before)], 0.7, color="#55A868")
+    for bar, kept in zip(bars, after):
+        axis.annotate(
+            str(kept), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=6
+        )
+    axis.set_xticks(positions)
+    axis.set_xlabel("channel family (graph order)")
+    axis.set_ylabel("kept share")
+    axis.set_ylim(0, 1.2)
+    axis.set_title(
+        f"Kept channels\nparams {report.params_ratio:.0%}, FLOPs {report.flops_ratio:.0%} of the dense model",
+        fontsize=9,
+    )
+    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     plt.close(figure)
@@ -153,6 +187,9 @@ def create_model_card(
         tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
         model_name=model_name,
     )
+    channels = report.channels_before is not None
+    channels_before = sum(report.channels_before.values()) if channels else 0
+    channels_after = sum(report.channels_after.values()) if channels else 0
     heads_before, heads_after = sum(report.num_attention_heads_before), sum(report.num_attention_heads_after)
     ffn_before, ffn_after = sum(report.intermediate_size_before), sum(report.intermediate_size_after)
     metrics_table = (
@@ -188,6 +225,10 @@ def create_model_card(
         flops_after=f"{report.flops_after:,}",
         flops_ratio=_ratio(report.flops_after, report.flops_before),
         seq_length=report.seq_length,
+        channels=channels,
+        channels_before=channels_before,
+        channels_after=channels_after,
+        channels_ratio=_ratio(channels_after, channels_before),
         heads_before=heads_before,
         heads_after=heads_after,
         heads_ratio=_ratio(heads_after, heads_before),

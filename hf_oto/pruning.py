@@ -25,8 +25,10 @@ from torch import nn
 from transformers.utils import logging
 
 from .flops import count_flops, count_parameters
-from .zig.groups import ZIGFamily, ZIGSet
-from .zig.transformers import SUPPORTED_FAMILIES, _join, base_model_prefix, get_layout, transformer_families
+from .zig.build import SUPPORTED_FAMILIES, has_transformer_layout
+from .zig.conv import ChannelAdapter, channel_families, get_channel_adapter
+from .zig.groups import ZIGFamily, ZIGMember, ZIGSet
+from .zig.transformers import _join, base_model_prefix, get_layout, transformer_families
 
 
 logger = logging.get_logger(__name__)
@@ -144,10 +146,11 @@ def _head_sizes(model: nn.Module) -> tuple[int, int, int | None]:
 
 
 def current_layout(model: nn.Module) -> dict[str, Any]:
-    """The per-layer sizes a model computes now: query heads, key/value heads (GQA models) and FFN rows.
+    """The sizes a model computes now: per-layer query heads, key/value heads (GQA models) and FFN rows of a
+    supported transformer, or the channels of every channel family of a convolutional network.
 
-    Read from the modules themselves (the q/k and FFN up projections), so it is right for dense, pruned and reloaded
-    models alike.
+    Read from the modules themselves (the q/k and FFN up projections; the traced graph of a CNN), so it is right for
+    dense, pruned and reloaded models alike.
 
     Example:
 
@@ -160,6 +163,9 @@ def current_layout(model: nn.Module) -> dict[str, Any]:
     {'format_version': 1, 'num_attention_heads': [4, 4], 'intermediate_size': [37, 37]}
     ```
     """
+    if not has_transformer_layout(model):
+        families, _ = channel_families(model)
+        return {"format_version": LAYOUT_FORMAT_VERSION, "channels": {f.name: f.num_groups for f in families}}
     layout = get_layout(model)
     _, head_dim, num_kv_heads = _head_sizes(model)
     heads, kv_heads, ffn = [], [], []
@@ -177,17 +183,11 @@ def current_layout(model: nn.Module) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # Slicing (shared by prune_zero_groups and apply_layout)
 # ----------------------------------------------------------------------------------------------------------------
-def _group_indices(kept_groups: torch.Tensor, num_groups: int, size: int) -> torch.Tensor:
-    chunk = size // num_groups
-    offsets = torch.arange(chunk, dtype=torch.long)
-    return (kept_groups.view(-1, 1).long() * chunk + offsets.view(1, -1)).flatten()
-
-
 def _check_not_stale(model: nn.Module, family: ZIGFamily) -> None:
     """Raises if the family no longer describes the model (e.g. it was built before an earlier pruning)."""
     if family.kind not in SUPPORTED_FAMILIES:
         raise ValueError(
-            f"prune_zero_groups slices transformer families {list(SUPPORTED_FAMILIES)}; family {family.name!r} is of "
+            f"prune_zero_groups slices families of kinds {list(SUPPORTED_FAMILIES)}; family {family.name!r} is of "
             f"kind {family.kind!r}."
         )
     first = family.members[0]
@@ -203,27 +203,79 @@ def _check_not_stale(model: nn.Module, family: ZIGFamily) -> None:
         )
 
 
+def _family_slices(family: ZIGFamily) -> list[ZIGMember]:
+    """Every tensor region a family's groups own: members, dependents and per-channel buffers (BN statistics)."""
+    buffers = [ZIGMember(name, 0) for name in family.meta.get("buffers", ())]
+    return [*family.members, *family.dependents, *buffers]
+
+
+def _sync_shape_attributes(module: nn.Module, adapter: ChannelAdapter | None) -> None:
+    """Sets the size attributes of a module (`in_features`, `out_channels`, `num_features`, ...) from its weight."""
+    weight = module.weight
+    role = adapter.role if adapter is not None else None
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif role == "conv" or (role is None and isinstance(module, nn.Conv2d)):
+        depthwise = module.groups > 1 and weight.shape[1] == 1 and module.groups == module.in_channels
+        module.out_channels = weight.shape[0]
+        if depthwise:
+            module.groups = module.in_channels = weight.shape[0]
+        else:
+            module.in_channels = weight.shape[1] * module.groups
+    elif role == "norm" or (role is None and isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d))):
+        for attr in adapter.size_attrs if adapter is not None else ("num_features",):
+            setattr(module, attr, weight.shape[0])
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = weight.numel()
+
+
 @torch.no_grad()
 def _slice_families(model: nn.Module, plan: Sequence[tuple[ZIGFamily, torch.Tensor]]) -> None:
-    """Keeps only the groups `kept` (sorted group indices) of every family; the one slicing code path."""
+    """Keeps only the groups `kept` (sorted group indices) of every family; the one slicing code path.
+
+    The kept entries of every tensor region are collected first and each tensor is sliced once per dimension, so
+    several families may own disjoint regions of one tensor (the input columns of a convolution after a concat).
+    """
+    keep: dict[tuple[str, int], torch.Tensor] = {}
+    head_updates: list[tuple[ZIGFamily, int]] = []
     for family, kept in plan:
         kept = torch.as_tensor(kept, dtype=torch.long).flatten().sort().values
+        if family.kind == "channels" and kept.numel() == 0:
+            # A convolution cannot have 0 output channels: keep one (all-zero, so outputs do not change).
+            kept = torch.zeros(1, dtype=torch.long)
+            logger.info(f"Every channel of {family.name} is zero; keeping one zero channel (a conv needs one).")
         if kept.numel() == family.num_groups:
             continue
-        touched: dict[str, nn.Module] = {}
-        for member in (*family.members, *family.dependents):
-            module_name, _, attr = member.param_name.rpartition(".")
-            module = model.get_submodule(module_name)
-            param = getattr(module, attr)
-            index = _group_indices(kept, family.num_groups, param.shape[member.dim]).to(param.device)
-            sliced = param.data.index_select(member.dim, index).clone()
-            setattr(module, attr, nn.Parameter(sliced, requires_grad=param.requires_grad))
-            touched[module_name] = module
-        for module in touched.values():
-            if isinstance(module, nn.Linear):
-                module.out_features, module.in_features = module.weight.shape
+        group_keep = torch.zeros(family.num_groups, dtype=torch.bool)
+        group_keep[kept] = True
+        for member in _family_slices(family):
+            size = _tensor(model, member.param_name).shape[member.dim]
+            start, length = member.region(size)
+            mask = keep.setdefault((member.param_name, member.dim), torch.ones(size, dtype=torch.bool))
+            mask[start : start + length] &= group_keep.repeat_interleave(length // family.num_groups)
         if family.kind == "heads":
-            _update_attention(model, family, int(kept.numel()))
+            head_updates.append((family, int(kept.numel())))
+    touched: dict[str, nn.Module] = {}
+    for (name, dim), mask in keep.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        tensor = getattr(module, attr)
+        sliced = tensor.data.index_select(dim, mask.nonzero().flatten().to(tensor.device)).clone()
+        if isinstance(tensor, nn.Parameter):
+            setattr(module, attr, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
+        else:
+            setattr(module, attr, sliced)
+        touched[module_name] = module
+    for module in touched.values():
+        if getattr(module, "weight", None) is not None:
+            _sync_shape_attributes(module, get_channel_adapter(module))
+    for family, kept_groups in head_updates:
+        _update_attention(model, family, kept_groups)
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module_name), attr)
 
 
 def _update_attention(model: nn.Module, family: ZIGFamily, kept_groups: int) -> None:
@@ -259,7 +311,8 @@ class PruningReport:
     """What [`prune_zero_groups`] removed.
 
     Per-layer lists have one entry per transformer layer; `num_key_value_heads_*` is `None` for models without
-    grouped-query attention.
+    grouped-query attention. For convolutional networks, `channels_before`/`channels_after` map every pruned channel
+    family (named after the module that produces it) to its channel count, and the per-layer lists are empty.
     """
 
     params_before: int
@@ -273,6 +326,8 @@ class PruningReport:
     intermediate_size_after: list[int] = field(default_factory=list)
     num_key_value_heads_before: list[int] | None = None
     num_key_value_heads_after: list[int] | None = None
+    channels_before: dict[str, int] | None = None
+    channels_after: dict[str, int] | None = None
 
     @property
     def params_ratio(self) -> float:
@@ -292,6 +347,13 @@ class PruningReport:
         return result
 
     def __str__(self) -> str:
+        if self.channels_before is not None:
+            width = max([len(name) for name in self.channels_before] + [6])
+            lines = [f"{'family':<{width}} {'channels':>15}"]
+            for name, before in self.channels_before.items():
+                lines.append(f"{name:<{width}} {before:>6} -> {self.channels_after[name]:<6}")
+            lines.append(self._totals_line())
+            return "\n".join(lines)
         gqa = self.num_key_value_heads_before is not None
         header = f"{'layer':>5} {'heads':>11}" + (f" {'kv heads':>11}" if gqa else "") + f" {'ffn rows':>13}"
         lines = [header]
@@ -305,24 +367,41 @@ class PruningReport:
         ):
             kv = f" {self.num_key_value_heads_before[i]:>4} -> {self.num_key_value_heads_after[i]:<3}" if gqa else ""
             lines.append(f"{i:>5} {h0:>4} -> {h1:<3}{kv} {f0:>6} -> {f1:<5}")
-        lines.append(
-            f"params: {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.1%}); "
-            f"FLOPs at seq_length={self.seq_length}: {self.flops_before:,} -> {self.flops_after:,} "
-            f"({self.flops_ratio:.1%})"
-        )
+        lines.append(self._totals_line())
         return "\n".join(lines)
+
+    def architecture(self) -> str:
+        """The kept channels of every channel family in graph order, like the "Architecture" column of the paper's
+        tables (e.g. `"22-56-M-..."` without the pooling marks): `"22-56-98-..."`. Empty for transformers."""
+        return "-".join(str(count) for count in (self.channels_after or {}).values())
+
+    def _totals_line(self) -> str:
+        where = "on the example inputs" if self.channels_before is not None else f"at seq_length={self.seq_length}"
+        return (
+            f"params: {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.1%}); "
+            f"FLOPs {where}: {self.flops_before:,} -> {self.flops_after:,} ({self.flops_ratio:.1%})"
+        )
 
 
 def prune_zero_groups(
-    model: nn.Module, zigs: ZIGSet, *, seq_length: int = 128, inplace: bool = True
+    model: nn.Module,
+    zigs: ZIGSet,
+    *,
+    seq_length: int = 128,
+    inplace: bool = True,
+    flops_inputs: dict[str, torch.Tensor] | None = None,
 ) -> tuple[nn.Module, PruningReport]:
     """Slices every zero group out of a group-sparse model (OTO section 3.4); the slim model gives the same outputs.
 
     For every family of `zigs`, the groups whose penalised parameters are all exactly zero are removed from their
-    members (q/k/v rows of a head, FFN up/gate rows) and from their dependents (the matching input columns of the
-    attention output and FFN down projections). `nn.Linear` sizes and the attention modules' head counts are updated;
-    an attention module left without heads is replaced by a [`PrunedAttention`] stand-in. The per-layer sizes are
-    recorded in `model.config.oto_layout`, which [`~hf_oto.modeling.save_pruned_model`] writes to `config.json`.
+    members (q/k/v rows of a head, FFN up/gate rows; conv filters, biases and batch-norm weights of a channel) and
+    from their dependents (the matching input columns of the attention output and FFN down projections; of the
+    convolutions or linear layers that read a channel) and per-channel buffers (batch-norm statistics). Module sizes
+    (`in_features`, `out_channels`, `num_features`, ...) and the attention modules' head counts are updated; an
+    attention module left without heads is replaced by a [`PrunedAttention`] stand-in, and a channel family whose
+    channels are all zero keeps one zero channel (a convolution needs one). The sizes are recorded in
+    `model.config.oto_layout` (when the model has a config), which [`~hf_oto.modeling.save_pruned_model`] writes to
+    `config.json`.
 
     After pruning, `zigs` (and any optimizer built on the old parameters) is stale: the model holds new parameter
     tensors of new shapes. Build new ZIGs with [`build_zigs`] only from a dense model.
@@ -336,6 +415,9 @@ def prune_zero_groups(
             Sequence length (batch 1) of the dummy forward used to count FLOPs before and after.
         inplace (`bool`, *optional*, defaults to `True`):
             Prune `model` itself; with `False`, prune and return a deep copy and leave `model` untouched.
+        flops_inputs (`dict[str, torch.Tensor]`, *optional*):
+            Keyword inputs of the forward used to count FLOPs, instead of the dummy ones (needed for a plain
+            `nn.Module` whose input is not a `[1, C, H, W]` image at 32 x 32).
 
     Returns:
         `tuple[nn.Module, PruningReport]`: the slim model and a [`PruningReport`].
@@ -359,30 +441,51 @@ def prune_zero_groups(
         _check_not_stale(model, family)
     # Read the zero groups from `model` itself, so ZIGs built on an equal copy work too.
     masks = ZIGSet(model, zigs.families).family_zero_masks()
+    channels = any(family.kind == "channels" for family in zigs.families)
+    flops_inputs = flops_inputs if flops_inputs is not None or not channels else _image_inputs(model, zigs)
     params_before = count_parameters(model)
-    flops_before = count_flops(model, seq_length=seq_length)
-    layout_before = current_layout(model)
+    flops_before = count_flops(model, seq_length=seq_length, inputs=flops_inputs)
+    layout_before = _zigs_layout(zigs) if channels else current_layout(model)
     if not inplace:
         model = copy.deepcopy(model)
     plan = [(family, torch.nonzero(~masks[family.name]).flatten()) for family in zigs.families]
     _slice_families(model, plan)
-    layout_after = current_layout(model)
-    model.config.oto_layout = layout_after
+    layout_after = _zigs_layout(zigs, sliced=plan) if channels else current_layout(model)
+    if getattr(model, "config", None) is not None:
+        model.config.oto_layout = current_layout(model) if channels else layout_after
     report = PruningReport(
         params_before=params_before,
         params_after=count_parameters(model),
         flops_before=flops_before,
-        flops_after=count_flops(model, seq_length=seq_length),
+        flops_after=count_flops(model, seq_length=seq_length, inputs=flops_inputs),
         seq_length=seq_length,
-        num_attention_heads_before=layout_before["num_attention_heads"],
-        num_attention_heads_after=layout_after["num_attention_heads"],
-        intermediate_size_before=layout_before["intermediate_size"],
-        intermediate_size_after=layout_after["intermediate_size"],
+        num_attention_heads_before=layout_before.get("num_attention_heads", []),
+        num_attention_heads_after=layout_after.get("num_attention_heads", []),
+        intermediate_size_before=layout_before.get("intermediate_size", []),
+        intermediate_size_after=layout_after.get("intermediate_size", []),
         num_key_value_heads_before=layout_before.get("num_key_value_heads"),
         num_key_value_heads_after=layout_after.get("num_key_value_heads"),
+        channels_before=layout_before.get("channels"),
+        channels_after=layout_after.get("channels"),
     )
     logger.info(f"Pruned {sum(int(m.sum()) for m in masks.values())} zero groups.\n{report}")
     return model, report
+
+
+def _zigs_layout(zigs: ZIGSet, sliced: Sequence[tuple[ZIGFamily, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """Channel counts of the families of `zigs`: as built, or (with `sliced`) as kept by [`_slice_families`]."""
+    if sliced is None:
+        return {"channels": {family.name: family.num_groups for family in zigs.families}}
+    return {"channels": {family.name: max(int(kept.numel()), 1) for family, kept in sliced}}
+
+
+def _image_inputs(model: nn.Module, zigs: ZIGSet) -> dict[str, torch.Tensor] | None:
+    """Dummy image inputs for counting FLOPs of a CNN without a `main_input_name` (a plain `nn.Module`)."""
+    if getattr(model, "main_input_name", None):
+        return None
+    from .zig.conv import _main_input_name, default_example_inputs
+
+    return {_main_input_name(model): default_example_inputs(model)}
 
 
 def _validate_layout(layout: Mapping[str, Any], num_layers: int, dense: Mapping[str, Any]) -> None:
@@ -435,7 +538,15 @@ def apply_layout(model: nn.Module, layout: Mapping[str, Any]) -> nn.Module:
     16
     ```
     """
+    if isinstance(layout, Mapping) and "channels" in layout:
+        return _apply_channel_layout(model, layout)
     dense = current_layout(model)
+    if "channels" in dense:
+        raise ValueError(
+            f"oto_layout {dict(layout) if isinstance(layout, Mapping) else layout!r} records transformer heads/FFN "
+            f"sizes, but {type(model).__name__} is a convolutional network (channel families): the config and the "
+            "model do not match."
+        )
     families = transformer_families(model)
     num_layers = len(dense["num_attention_heads"])
     _validate_layout(layout, num_layers, dense)
@@ -463,4 +574,38 @@ def apply_layout(model: nn.Module, layout: Mapping[str, Any]) -> nn.Module:
         plan.append((family, torch.arange(kept)))
     _slice_families(model, plan)
     model.config.oto_layout = current_layout(model)
+    return model
+
+
+def _apply_channel_layout(model: nn.Module, layout: Mapping[str, Any]) -> nn.Module:
+    """[`apply_layout`] for convolutional networks: keeps the first `k` channels of every recorded channel family."""
+    version = layout.get("format_version")
+    if version != LAYOUT_FORMAT_VERSION:
+        raise ValueError(
+            f"oto_layout has format_version={version!r}; this hf_oto reads version {LAYOUT_FORMAT_VERSION}. Upgrade "
+            "hf_oto to load this checkpoint."
+        )
+    recorded = layout["channels"]
+    if not isinstance(recorded, Mapping):
+        raise ValueError(f"oto_layout['channels'] must map channel family names to counts; got {recorded!r}.")
+    families, _ = channel_families(model)
+    by_name = {family.name: family for family in families}
+    missing, unknown = sorted(set(by_name) - set(recorded)), sorted(set(recorded) - set(by_name))
+    if missing or unknown:
+        raise ValueError(
+            f"oto_layout['channels'] does not match the channel families of {type(model).__name__}: the model has "
+            f"{missing} that the layout lacks and the layout names {unknown} that the model lacks. The config and "
+            "the architecture come from different models (or a different hf_oto version traced them)."
+        )
+    plan = []
+    for name, count in recorded.items():
+        family = by_name[name]
+        if not isinstance(count, int) or not 1 <= count <= family.num_groups:
+            raise ValueError(
+                f"oto_layout['channels'][{name!r}] = {count!r} is not an integer in [1, {family.num_groups}]."
+            )
+        plan.append((family, torch.arange(count)))
+    _slice_families(model, plan)
+    if getattr(model, "config", None) is not None:
+        model.config.oto_layout = {"format_version": LAYOUT_FORMAT_VERSION, "channels": dict(recorded)}
     return model

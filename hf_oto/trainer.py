@@ -115,6 +115,7 @@ class OTOTrainer(Trainer):
         if zigs is None or zigs.model is not self.model:
             zigs = build_zigs(self.model, families=args.oto_families, exclude=args.oto_exclude)
         self.zigs: Optional[ZIGSet] = zigs
+        self.oto_group_kinds: list[str] = list(zigs.num_groups_by_kind())
         self.oto_init_steps: Optional[int] = None
         self.pruning_report = None
         self._oto_num_training_steps: Optional[int] = None
@@ -419,6 +420,7 @@ class OTOTrainer(Trainer):
         """The OTO arguments of this run with the resolved initialization stage, the learning rate and total steps."""
         return {
             **self.args.oto_hyperparameters(),
+            "oto_families": self.args.oto_families or self.oto_group_kinds,
             "oto_init_steps_resolved": self.oto_init_steps,
             "learning_rate": self.args.learning_rate,
             "lr_scheduler_type": str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)),

@@ -15,7 +15,7 @@ from .distributed import check_distributed_support
 
 logger = logging.get_logger(__name__)
 
-OTO_FAMILIES = ("heads", "ffn")
+OTO_FAMILIES = ("heads", "ffn", "channels")
 OTO_VARIANTS = ("adamw", "sgd")
 DEFAULT_INIT_FRACTION = 0.5
 """Fraction of the training steps spent in the initialization stage when neither `oto_init_steps` nor
@@ -49,8 +49,10 @@ class OTOArguments:
             Momentum in [0, 1) of the `"sgd"` variant.
         oto_max_group_sparsity (`float`, *optional*):
             Upper bound in (0, 1] on the fraction of groups HSPG may zero; no bound when not given.
-        oto_families (`list[str]`, *optional*, defaults to `["heads", "ffn"]`):
-            Which kinds of zero-invariant groups to train for sparsity: attention `"heads"` and/or `"ffn"` rows.
+        oto_families (`list[str]`, *optional*):
+            Which kinds of zero-invariant groups to train for sparsity: attention `"heads"` and/or `"ffn"` rows of a
+            transformer, or `"channels"` of a convolutional network. By default `["heads", "ffn"]` for supported
+            transformers and `["channels"]` for models with convolutions (see [`~hf_oto.build_zigs`]).
         oto_exclude (`list[str]`, *optional*, defaults to `[]`):
             `fnmatch` patterns of group families or parameter names to leave dense, e.g. `"*.layer.0.*"`.
 
@@ -100,9 +102,12 @@ class OTOArguments:
         default=None,
         metadata={"help": "Upper bound in (0, 1] on the fraction of groups HSPG may set to zero; none by default."},
     )
-    oto_families: list[str] = field(
-        default_factory=lambda: list(OTO_FAMILIES),
-        metadata={"help": "Kinds of zero-invariant groups to train for sparsity: heads and/or ffn."},
+    oto_families: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Kinds of zero-invariant groups to train for sparsity: heads and/or ffn (transformers), or "
+            "channels (conv networks). Default: heads ffn for transformers, channels for models with convolutions."
+        },
     )
     oto_exclude: list[str] = field(
         default_factory=list,
@@ -144,14 +149,16 @@ class OTOArguments:
             )
         if isinstance(self.oto_families, str):
             self.oto_families = [self.oto_families]
-        self.oto_families = list(self.oto_families)
-        unknown = [family for family in self.oto_families if family not in OTO_FAMILIES]
-        if unknown or not self.oto_families:
-            raise ValueError(
-                f"oto_families must be a non-empty list drawn from {list(OTO_FAMILIES)}; got {self.oto_families!r}."
-            )
-        if len(set(self.oto_families)) != len(self.oto_families):
-            raise ValueError(f"oto_families lists a family twice: {self.oto_families!r}.")
+        if self.oto_families is not None:
+            self.oto_families = list(self.oto_families)
+            unknown = [family for family in self.oto_families if family not in OTO_FAMILIES]
+            if unknown or not self.oto_families:
+                raise ValueError(
+                    f"oto_families must be a non-empty list drawn from {list(OTO_FAMILIES)} (or unset for the model's "
+                    f"default); got {self.oto_families!r}."
+                )
+            if len(set(self.oto_families)) != len(self.oto_families):
+                raise ValueError(f"oto_families lists a family twice: {self.oto_families!r}.")
         if isinstance(self.oto_exclude, str):
             self.oto_exclude = [self.oto_exclude]
         self.oto_exclude = list(self.oto_exclude)
@@ -202,7 +209,7 @@ class OTOArguments:
             "oto_variant": self.oto_variant,
             "oto_momentum": self.oto_momentum,
             "oto_max_group_sparsity": self.oto_max_group_sparsity,
-            "oto_families": list(self.oto_families),
+            "oto_families": list(self.oto_families) if self.oto_families is not None else None,
             "oto_exclude": list(self.oto_exclude),
         }
 

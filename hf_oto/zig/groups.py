@@ -24,10 +24,20 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ZIGMember:
-    """One parameter of a family: `param_name` (as in `model.named_parameters()`) split along `dim`."""
+    """One parameter of a family: `param_name` (as in `model.named_parameters()`) split along `dim`.
+
+    By default the whole of `dim` is split into the family's groups. A dependent may cover only the region
+    `[start, start + length)` of `dim` (the input columns of a convolution that reads a concatenation).
+    """
 
     param_name: str
     dim: int = 0
+    start: int = 0
+    length: int | None = None
+
+    def region(self, size: int) -> tuple[int, int]:
+        """`(start, length)` of the region along `dim` of a tensor of `size` entries."""
+        return self.start, size - self.start if self.length is None else self.length
 
 
 @dataclass
@@ -107,13 +117,24 @@ class ZIGSet:
                     raise ValueError(
                         f"Family {family.name!r} names parameter {member.param_name!r}, which the model lacks."
                     )
-                size = parameters[member.param_name].shape[member.dim]
+                full = parameters[member.param_name].shape[member.dim]
+                start, size = member.region(full)
+                if start < 0 or size < 0 or start + size > full:
+                    raise ValueError(
+                        f"Family {family.name!r} names the region [{start}, {start + size}) of dim {member.dim} of "
+                        f"{member.param_name!r}, which has {full} entries."
+                    )
                 if size % family.num_groups != 0:
                     raise ValueError(
                         f"Parameter {member.param_name!r} has size {size} along dim {member.dim}, which does not split "
                         f"into the {family.num_groups} groups of family {family.name!r}."
                     )
             for member in family.members:
+                if member.start != 0 or member.length is not None:
+                    raise ValueError(
+                        f"Penalised member {member.param_name!r} of family {family.name!r} must span its whole dim "
+                        f"{member.dim}; only dependents may cover a region."
+                    )
                 if member.param_name in penalised:
                     raise ValueError(
                         f"Parameter {member.param_name!r} is penalised by two families ({penalised[member.param_name]!r}"

@@ -13,12 +13,13 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .groups import ZIGFamily, ZIGMember, ZIGSet, family_matches
+from .groups import ZIGFamily, ZIGMember
 
 
 logger = logging.get_logger(__name__)
 
-SUPPORTED_FAMILIES = ("heads", "ffn")
+TRANSFORMER_FAMILIES = ("heads", "ffn")
+"""Kinds of groups a transformer layout defines."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def _members(path: str, linear: nn.Linear, dim: int) -> list[ZIGMember]:
     return members
 
 
-def transformer_families(model: PreTrainedModel, families: Sequence[str] = SUPPORTED_FAMILIES) -> list[ZIGFamily]:
+def transformer_families(model: PreTrainedModel, families: Sequence[str] = TRANSFORMER_FAMILIES) -> list[ZIGFamily]:
     """The head and FFN-row families of every layer of a supported transformer model."""
     layout = get_layout(model)
     config = model.config
@@ -257,61 +258,3 @@ def transformer_families(model: PreTrainedModel, families: Sequence[str] = SUPPO
                 )
             )
     return result
-
-
-def build_zigs(
-    model: nn.Module, *, families: Sequence[str] = SUPPORTED_FAMILIES, exclude: Sequence[str] = ()
-) -> ZIGSet:
-    """Partitions a model's prunable parameters into zero-invariant groups.
-
-    Args:
-        model (`nn.Module`):
-            A transformers model of a supported `model_type` (any of its `*For...` task variants).
-        families (`Sequence[str]`, *optional*, defaults to `("heads", "ffn")`):
-            Which kinds of groups to build: `"heads"` (the q/k/v rows of one attention head; with grouped-query
-            attention, one key/value head with the query heads that share it) and/or `"ffn"` (one row of the FFN up
-            projection, and of the gate projection for gated FFNs).
-        exclude (`Sequence[str]`, *optional*):
-            `fnmatch` patterns of families to leave out, matched against the family name
-            (`"<layer path>.heads"` / `"<layer path>.ffn"`) and its parameter names. For example
-            `["*.layer.5.*"]` keeps layer 5 whole and `["*.query.*"]` would leave out every head family.
-
-    Returns:
-        [`ZIGSet`]: the groups, in layer order.
-
-    Example:
-
-    ```python
-    >>> from transformers import BertConfig, BertForSequenceClassification
-    >>> from hf_oto import build_zigs
-
-    >>> config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
-    >>> zigs = build_zigs(BertForSequenceClassification(config), exclude=["*.layer.1.*"])
-    >>> zigs.num_groups_by_kind()
-    {'heads': 4, 'ffn': 37}
-    ```
-    """
-    if isinstance(families, str):
-        families = (families,)
-    unknown = [family for family in families if family not in SUPPORTED_FAMILIES]
-    if unknown or not families:
-        raise ValueError(
-            f"Unknown group families {unknown or list(families)}; choose one or more of {list(SUPPORTED_FAMILIES)}."
-        )
-    all_families = transformer_families(model, families)
-    for pattern in exclude:
-        if not any(family_matches(family, [pattern]) for family in all_families):
-            raise ValueError(
-                f"The exclude pattern {pattern!r} matches no group family. Family names look like "
-                f"{all_families[0].name!r}; patterns are fnmatch-style, e.g. '*.layer.5.*'."
-            )
-    kept = [family for family in all_families if not family_matches(family, exclude)]
-    if not kept:
-        raise ValueError(
-            f"The exclude patterns {list(exclude)} leave no group to train for sparsity; exclude fewer modules."
-        )
-    if len(kept) < len(all_families):
-        logger.info(
-            f"Excluded {len(all_families) - len(kept)} of {len(all_families)} group families: {list(exclude)}."
-        )
-    return ZIGSet(model, kept)

@@ -1,0 +1,127 @@
+"""[`build_zigs`]: the one entry point that partitions a model's parameters into zero-invariant groups."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .conv import channel_families, describe_dense_channels
+from .groups import ZIGFamily, ZIGSet, family_matches
+from .transformers import TRANSFORMER_FAMILIES, TRANSFORMER_LAYOUTS, transformer_families
+
+
+logger = logging.get_logger(__name__)
+
+SUPPORTED_FAMILIES = (*TRANSFORMER_FAMILIES, "channels")
+"""Kinds of groups: attention `"heads"` and `"ffn"` rows of transformers, `"channels"` of convolutional networks."""
+
+
+def has_transformer_layout(model: nn.Module) -> bool:
+    """Whether `model` is a transformer with a row in `TRANSFORMER_LAYOUTS` (heads and FFN rows)."""
+    return getattr(getattr(model, "config", None), "model_type", None) in TRANSFORMER_LAYOUTS
+
+
+def default_families(model: nn.Module) -> tuple[str, ...]:
+    """`("channels",)` for a model with convolutions and no transformer layout, else `("heads", "ffn")` (which
+    raises a clear error for an unsupported transformer)."""
+    if not has_transformer_layout(model) and any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        return ("channels",)
+    return TRANSFORMER_FAMILIES
+
+
+def build_zigs(
+    model: nn.Module,
+    *,
+    families: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    example_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+) -> ZIGSet:
+    """Partitions a model's prunable parameters into zero-invariant groups.
+
+    Args:
+        model (`nn.Module`):
+            A transformers model of a supported `model_type` (any of its `*For...` task variants) for `"heads"` and
+            `"ffn"`; any convolutional network that `torch.fx` can trace (a transformers model such as
+            `ResNetForImageClassification`, or a plain `nn.Module`) for `"channels"`.
+        families (`Sequence[str]`, *optional*):
+            Which kinds of groups to build: `"heads"` (the q/k/v rows of one attention head; with grouped-query
+            attention, one key/value head with the query heads that share it), `"ffn"` (one row of the FFN up
+            projection, and of the gate projection for gated FFNs) and/or `"channels"` (one output channel of a
+            convolution with its bias and batch-norm weight and bias, tied across residual adds; see
+            [`~hf_oto.zig.conv`]). Defaults to `("channels",)` for a model with convolutions and no transformer
+            layout, `("heads", "ffn")` otherwise.
+        exclude (`Sequence[str]`, *optional*):
+            `fnmatch` patterns of families to leave out, matched against the family name
+            (`"<layer path>.heads"`, `"<layer path>.ffn"`, `"<producing module path>.channels"`) and its parameter
+            names. For example `["*.layer.5.*"]` keeps layer 5 whole and `["*.query.*"]` would leave out every head
+            family.
+        example_inputs (`torch.Tensor` or `dict`, *optional*):
+            For `"channels"`: a batch for the model's main input, run once to read the shapes. Defaults to zeros of
+            `[1, config.num_channels, config.image_size, config.image_size]` (or 32 x 32 with the first
+            convolution's input channels).
+
+    Returns:
+        [`ZIGSet`]: the groups, in layer (graph) order.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, BertForSequenceClassification, ResNetConfig, ResNetForImageClassification
+    >>> from hf_oto import build_zigs
+
+    >>> config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    >>> zigs = build_zigs(BertForSequenceClassification(config), exclude=["*.layer.1.*"])
+    >>> zigs.num_groups_by_kind()
+    {'heads': 4, 'ffn': 37}
+    >>> resnet = ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+    >>> build_zigs(resnet).num_groups_by_kind()  # doctest: +SKIP
+    {'channels': ...}
+    ```
+    """
+    if families is None:
+        families = default_families(model)
+    if isinstance(families, str):
+        families = (families,)
+    unknown = [family for family in families if family not in SUPPORTED_FAMILIES]
+    if unknown or not families:
+        raise ValueError(
+            f"Unknown group families {unknown or list(families)}; choose one or more of {list(SUPPORTED_FAMILIES)}."
+        )
+    all_families: list[ZIGFamily] = []
+    transformer_kinds = [kind for kind in families if kind in TRANSFORMER_FAMILIES]
+    if transformer_kinds and "channels" in families:
+        raise ValueError(
+            f"Build either transformer groups {list(TRANSFORMER_FAMILIES)} or 'channels', not both in one ZIGSet: got "
+            f"families={list(families)}."
+        )
+    if transformer_kinds:
+        all_families += transformer_families(model, transformer_kinds)
+    if "channels" in families:
+        channels, dense = channel_families(model, example_inputs)
+        for line in describe_dense_channels(dense):
+            logger.info(line)
+        if not channels:
+            raise ValueError(
+                f"{type(model).__name__} has no prunable channel group: every channel set is kept dense "
+                f"({'; '.join(describe_dense_channels(dense)) or 'no convolution or linear layer found'})."
+            )
+        all_families += channels
+    for pattern in exclude:
+        if not any(family_matches(family, [pattern]) for family in all_families):
+            raise ValueError(
+                f"The exclude pattern {pattern!r} matches no group family. Family names look like "
+                f"{all_families[0].name!r}; patterns are fnmatch-style, e.g. '*.layer.5.*'."
+            )
+    kept = [family for family in all_families if not family_matches(family, exclude)]
+    if not kept:
+        raise ValueError(
+            f"The exclude patterns {list(exclude)} leave no group to train for sparsity; exclude fewer modules."
+        )
+    if len(kept) < len(all_families):
+        logger.info(
+            f"Excluded {len(all_families) - len(kept)} of {len(all_families)} group families: {list(exclude)}."
+        )
+    return ZIGSet(model, kept)

@@ -1,0 +1,300 @@
+"""Channel ZIGs of convolutional networks: discovery by torch.fx, exact pruning, adapters, errors, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForImageClassification, ResNetForImageClassification
+
+from hf_oto import build_zigs, load_pruned_model, save_pruned_model
+from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
+from hf_oto.pruning import apply_layout, current_layout, prune_zero_groups
+from hf_oto.zig import conv
+from hf_oto.zig.conv import ChannelAdapter, channel_families, register_channel_adapter
+
+from .tiny_convnets import (
+    TINY_CONVNET_FACTORIES,
+    FeatureExtractor,
+    FusedBatchNormReLU,
+    FusedNormNet,
+    images,
+    logits,
+    randomize_batch_norms,
+    tiny_cifar_resnet,
+    tiny_hf_resnet,
+    tiny_vgg,
+)
+
+
+TOLERANCE = 1e-5
+
+
+def _zero_mask(zigs, pattern: str, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if pattern == "random-half":
+        return zigs.random_zero_mask(0.5, generator=generator)
+    masks = []
+    for index, family in enumerate(zigs.families):
+        if pattern == "whole-families":  # every other family loses all its channels (one zero channel stays)
+            masks.append(torch.full((family.num_groups,), index % 2 == 0))
+        else:  # "all-but-one": every family keeps exactly one channel
+            mask = torch.ones(family.num_groups, dtype=torch.bool)
+            mask[torch.randint(family.num_groups, (1,), generator=generator)] = False
+            masks.append(mask)
+    return torch.cat(masks)
+
+
+def _assert_sizes_match_weights(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            assert module.out_channels == module.weight.shape[0], name
+            assert module.in_channels == module.weight.shape[1] * module.groups, name
+        elif isinstance(module, nn.BatchNorm2d):
+            assert module.num_features == module.running_mean.numel() == module.running_var.numel(), name
+            if module.affine:
+                assert module.weight.numel() == module.num_features, name
+        elif isinstance(module, nn.Linear):
+            assert (module.out_features, module.in_features) == tuple(module.weight.shape), name
+
+
+@pytest.mark.parametrize("pattern", ["random-half", "whole-families", "all-but-one"])
+@pytest.mark.parametrize("name", sorted(TINY_CONVNET_FACTORIES))
+def test_slim_convnet_equals_group_sparse_model(name, pattern):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(TINY_CONVNET_FACTORIES[name]()).eval()
+    zigs = build_zigs(model)
+    zigs.set_zero(_zero_mask(zigs, pattern))
+    pixels = images(model)
+    with torch.no_grad():
+        reference = logits(model, pixels)
+    slim, report = prune_zero_groups(model, zigs, inplace=False)
+    with torch.no_grad():
+        pruned = logits(slim, pixels)
+    assert pruned.shape == reference.shape
+    assert (pruned - reference).abs().max().item() <= TOLERANCE
+    assert report.params_after < report.params_before
+    assert report.flops_after < report.flops_before
+    _assert_sizes_match_weights(slim)
+    kept = zigs.kept_groups()
+    assert report.channels_after == {family: max(count, 1) for family, count in kept.items()}
+
+
+@pytest.mark.parametrize(
+    "config", [CifarConvNetConfig.vgg16_bn, CifarConvNetConfig.resnet50], ids=["vgg16_bn", "resnet50"]
+)
+def test_full_size_vgg16_bn_and_resnet50_prune_exactly(config):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(CifarConvNetForImageClassification(config(num_labels=10))).eval()
+    zigs = build_zigs(model)
+    zigs.set_zero(zigs.random_zero_mask(0.6, generator=torch.Generator().manual_seed(1)))
+    pixels = images(model, batch=2)
+    with torch.no_grad():
+        reference = logits(model, pixels)
+        slim, report = prune_zero_groups(model, zigs)
+        pruned = logits(slim, pixels)
+    assert (pruned - reference).abs().max().item() <= TOLERANCE
+    assert report.flops_ratio < 0.5
+
+
+def test_vgg16_bn_has_one_family_per_convolution():
+    zigs = build_zigs(CifarConvNetForImageClassification(CifarConvNetConfig.vgg16_bn(num_labels=10)))
+    assert [family.num_groups for family in zigs.families] == [c for c in CifarConvNetConfig().vgg_layers if c != "M"]
+    first = zigs.families[0]
+    assert [m.param_name for m in first.members] == [
+        "convnet.features.0.weight",
+        "convnet.features.0.bias",
+        "convnet.features.1.weight",
+        "convnet.features.1.bias",
+    ]
+    assert first.meta["buffers"] == ["convnet.features.1.running_mean", "convnet.features.1.running_var"]
+    # The last conv's channels are read by the classifier after the flatten.
+    assert [(d.param_name, d.dim) for d in zigs.families[-1].dependents] == [("convnet.classifier.0.weight", 1)]
+
+
+def test_resnet50_ties_the_residual_channels_of_a_stage_into_one_family():
+    model = CifarConvNetForImageClassification(CifarConvNetConfig.resnet50(num_labels=10))
+    zigs = build_zigs(model)
+    # stem + 2 inner families per block (16 blocks) + 1 tied family per stage
+    assert len(zigs.families) == 1 + 2 * 16 + 4
+    stage = zigs.family("convnet.stages.1.0.residual.6.channels")
+    producers = stage.meta["producers"]
+    assert producers == [
+        "convnet.stages.1.0.residual.6",
+        "convnet.stages.1.0.shortcut.0",
+        "convnet.stages.1.1.residual.6",
+        "convnet.stages.1.2.residual.6",
+        "convnet.stages.1.3.residual.6",
+    ]
+    assert stage.num_groups == 512
+    # Readers of the tied channels: the first conv of each next block and the next stage's shortcut.
+    readers = {d.param_name for d in stage.dependents}
+    assert "convnet.stages.1.1.residual.0.weight" in readers and "convnet.stages.2.0.shortcut.0.weight" in readers
+
+
+def test_flatten_gives_each_channel_its_block_of_linear_columns():
+    model = tiny_vgg()  # 12 channels of 2 x 2 maps flattened into 48 columns
+    zigs = build_zigs(model)
+    last = zigs.families[-2]
+    assert last.num_groups == 12
+    assert [(d.param_name, d.dim, d.start, d.length) for d in last.dependents] == [
+        ("convnet.classifier.0.weight", 1, 0, 48)
+    ]
+    classifier_rows = zigs.families[-1]
+    assert classifier_rows.name == "convnet.classifier.0.channels" and classifier_rows.num_groups == 10
+
+
+def test_concat_readers_get_one_region_per_branch():
+    from .tiny_convnets import ConcatNet
+
+    zigs = build_zigs(ConcatNet())
+    regions = {
+        family.name: [(d.start, d.length) for d in family.dependents if d.param_name == "merge.0.weight"]
+        for family in zigs.families
+    }
+    assert regions["left.0.channels"] == [(0, 6)]
+    assert regions["right.0.channels"] == [(6, 5)]
+    assert regions["stem.0.channels"] == [(11, 8)]
+
+
+def test_depthwise_convolution_joins_the_group_of_its_input_channel():
+    from .tiny_convnets import InvertedResidualNet
+
+    zigs = build_zigs(InvertedResidualNet())
+    expand = zigs.family("blocks.0.0.channels")
+    assert {m.param_name for m in expand.members} >= {"blocks.0.3.weight", "blocks.0.3.bias", "blocks.0.4.weight"}
+    assert not any(family.name.startswith("blocks.0.3") for family in zigs.families)
+
+
+def test_channels_that_could_leak_a_zero_group_are_kept_dense_with_a_reason():
+    from .tiny_convnets import SqueezeExciteNet
+
+    families, dense = channel_families(SqueezeExciteNet())
+    assert {family.name for family in families} == {"squeeze.channels", "last.0.channels"}
+    assert "sigmoid" in dense["conv.0.channels"]
+    assert "sigmoid" in dense["excite.channels"]
+    assert "no affine weight" in dense["plain.0.channels"]
+    assert any("grouped convolution" in reason for reason in dense.values())
+    _, dense = channel_families(FeatureExtractor())
+    assert dense == {"body.3.channels": "a model output"}
+
+
+def test_untraceable_module_error_names_it_and_the_adapter_to_write():
+    with pytest.raises(ValueError) as error:
+        build_zigs(FusedNormNet())
+    message = str(error.value)
+    assert "'norm1'" in message and "FusedBatchNormReLU" in message
+    assert "register_channel_adapter" in message
+
+
+def test_registered_adapter_makes_a_fused_module_prunable(monkeypatch):
+    monkeypatch.setitem(conv._CHANNEL_ADAPTERS, FusedBatchNormReLU, ChannelAdapter("norm"))
+    model = randomize_batch_norms(FusedNormNet()).eval()
+    zigs = build_zigs(model)
+    assert [family.name for family in zigs.families] == ["conv1.channels", "conv2.channels"]
+    assert "norm1.weight" in {m.param_name for m in zigs.families[0].members}
+    zigs.set_zero(zigs.random_zero_mask(0.5, generator=torch.Generator().manual_seed(0)))
+    pixels = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        reference = model(pixels)
+        slim, _ = prune_zero_groups(model, zigs, inplace=False)
+        assert (slim(pixels) - reference).abs().max().item() <= TOLERANCE
+    assert slim.norm1.num_features == slim.norm1.running_mean.numel() < 8
+
+
+def test_adapter_with_a_non_zero_preserving_activation_keeps_channels_dense(monkeypatch):
+    adapter = ChannelAdapter("norm", zero_preserving=lambda module: False)
+    monkeypatch.setitem(conv._CHANNEL_ADAPTERS, FusedBatchNormReLU, adapter)
+    _, dense = channel_families(FusedNormNet())
+    assert "does not map zero to zero" in dense["conv1.channels"]
+
+
+def test_adapters_are_validated():
+    with pytest.raises(ValueError, match="Unknown ChannelAdapter role"):
+        ChannelAdapter("activation")
+    with pytest.raises(ValueError, match="must be a ChannelAdapter"):
+        register_channel_adapter(nn.ReLU, "norm")
+
+
+def test_example_inputs_the_model_rejects_give_a_clear_error():
+    with pytest.raises(ValueError, match="Pass `example_inputs`"):
+        build_zigs(tiny_vgg(), example_inputs=torch.zeros(1, 3, 5, 5))
+
+
+def test_transformers_and_channel_families_do_not_mix():
+    with pytest.raises(ValueError, match="not both"):
+        build_zigs(tiny_vgg(), families=("heads", "channels"))
+
+
+@pytest.mark.parametrize("factory", [tiny_vgg, tiny_cifar_resnet, tiny_hf_resnet], ids=["vgg", "resnet", "hf-resnet"])
+def test_pruned_convnet_saves_and_reloads_with_the_same_outputs(tmp_path, factory):
+    torch.manual_seed(0)
+    model = randomize_batch_norms(factory()).eval()
+    zigs = build_zigs(model)
+    zigs.set_zero(zigs.random_zero_mask(0.5, generator=torch.Generator().manual_seed(2)))
+    slim, _ = prune_zero_groups(model, zigs)
+    save_pruned_model(slim, tmp_path / "slim")
+    reloaded = load_pruned_model(tmp_path / "slim", AutoModelForImageClassification)
+    pixels = images(model)
+    with torch.no_grad():
+        assert torch.equal(logits(reloaded, pixels), logits(slim, pixels))
+    assert current_layout(reloaded) == slim.config.oto_layout
+    # Plain from_pretrained cannot build the pruned shapes: it must fail loudly, not load mismatched weights.
+    with pytest.raises((RuntimeError, ValueError), match="size mismatch|shape"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "slim")
+
+
+def test_channel_layout_of_another_architecture_is_refused():
+    model = tiny_hf_resnet()
+    layout = {"format_version": 1, "channels": {"convnet.features.0.channels": 3}}
+    with pytest.raises(ValueError, match="does not match the channel families"):
+        apply_layout(model, layout)
+    good = current_layout(tiny_hf_resnet())
+    name = next(iter(good["channels"]))
+    good["channels"][name] = 0
+    with pytest.raises(ValueError, match=r"not an integer in \[1,"):
+        apply_layout(model, good)
+
+
+def test_hf_resnet_family_names_follow_its_modules():
+    zigs = build_zigs(tiny_hf_resnet())
+    assert isinstance(zigs.model, ResNetForImageClassification)
+    stem = zigs.families[0]
+    assert stem.name == "resnet.embedder.embedder.convolution.channels"
+    # Stage 0 keeps the stem's width, so its blocks' outputs are tied to the stem through identity shortcuts.
+    assert "resnet.encoder.stages.0.layers.1.layer.2.convolution.weight" in {m.param_name for m in stem.members}
+
+
+def test_timm_models_prune_exactly():
+    timm = pytest.importorskip("timm")
+    for name in ("resnet18", "efficientnet_b0"):
+        model = randomize_batch_norms(timm.create_model(name, pretrained=False, num_classes=3)).eval()
+        zigs = build_zigs(model, example_inputs=torch.zeros(1, 3, 64, 64))
+        zigs.set_zero(zigs.random_zero_mask(0.5, generator=torch.Generator().manual_seed(0)))
+        pixels = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            reference = model(pixels)
+            slim, _ = prune_zero_groups(model, zigs, flops_inputs={"x": pixels[:1]})
+            assert (slim(pixels) - reference).abs().max().item() <= TOLERANCE
+
+
+class _BroadcastNet(nn.Module):
+    """A channel-wise mask multiplied in (zero-preserving) and a learned bias map added (not zero-preserving)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(3, 6, 3, padding=1)
+        self.second = nn.Conv2d(6, 5, 3, padding=1)
+        self.offset = nn.Parameter(torch.randn(1, 5, 1, 1))
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.first(x)) * (x.mean(1, keepdim=True) > 0).float()
+        hidden = self.second(hidden) + self.offset
+        return self.head(hidden.amax(dim=(2, 3)))
+
+
+def test_broadcast_masks_keep_channels_prunable_and_added_parameters_keep_them_dense():
+    families, dense = channel_families(_BroadcastNet())
+    assert [family.name for family in families] == ["first.channels"]
+    assert "second.channels" in dense and "offset" in dense["second.channels"]

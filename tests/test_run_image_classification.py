@@ -1,0 +1,161 @@
+"""End-to-end test of scripts/run_image_classification_oto.py on tiny IDX files, and of its input checks."""
+
+import gzip
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from hf_oto import load_pruned_model
+from hf_oto.data.images import ImagePreprocessor, load_idx_dataset, read_idx
+from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_image_classification_oto.py"
+COMMON_ARGS = [
+    "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--max_steps", "8",
+    "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--report_to", "none", "--save_strategy", "no",
+    "--use_cpu", "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_image_classification_oto", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_idx_folder(directory: Path, train: int = 64, test: int = 32, size: int = 12) -> Path:
+    """Three classes of 12 x 12 grey images: a bright square at a class-dependent place, on noise."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", train), ("t10k", test)):
+        labels = np.arange(count) % 3
+        images = rng.integers(0, 60, size=(count, size, size))
+        for index, label in enumerate(labels):
+            images[index, 4 * label : 4 * label + 4, 2:10] = 230
+        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return directory
+
+
+def write_tiny_convnet(directory: Path) -> Path:
+    config = CifarConvNetConfig(
+        architecture="vgg", vgg_layers=[8, "M", 12, "M"], image_size=16, classifier_hidden=10, num_labels=3,
+        num_channels=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CifarConvNetForImageClassification(config).save_pretrained(directory)
+    return directory
+
+
+def test_script_trains_prunes_and_saves_a_reloadable_slim_convnet(tmp_path):
+    script = load_script()
+    data = write_idx_folder(tmp_path / "idx")
+    model_dir = write_tiny_convnet(tmp_path / "model")
+    output = tmp_path / "out"
+    results, trainer = script.run(
+        *script.parse_arguments(
+            [
+                "--model_name_or_path", str(model_dir), "--idx_dir", str(data), "--output_dir", str(output),
+                "--do_train", "--do_eval", "--oto_variant", "adamw", "--oto_lambda", "50", "--oto_init_steps", "2",
+                "--oto_max_group_sparsity", "0.5", *COMMON_ARGS,
+            ]
+        )
+    )  # fmt: skip
+    assert 0.3 <= results["group_sparsity"] <= 0.5
+    assert results["params_ratio"] < 1.0 and results["flops_ratio"] < 1.0
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    kept = [int(count) for count in results["architecture"].split("-")]
+    assert kept == list(results["channels_after"].values())
+    assert all(after <= results["channels_before"][name] for name, after in results["channels_after"].items())
+    saved = json.loads((output / "all_results.json").read_text())
+    assert saved["architecture"] == results["architecture"]
+
+    slim = load_pruned_model(output / "pruned", AutoModelForImageClassification)
+    assert slim.config.oto_layout["channels"] == results["channels_after"]  # config.json sorts the keys
+    pixels = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():  # the slim model in memory (trainer.model after prune) and its reloaded copy
+        assert torch.equal(slim(pixels).logits, trainer.model.eval()(pixels).logits)
+    card = (output / "pruned" / "README.md").read_text()
+    assert "convolution channels" in card and "## Kept channels per layer" in card and "attention heads" not in card
+
+
+def test_dense_baseline_trains_the_same_recipe_without_oto(tmp_path):
+    script = load_script()
+    data = write_idx_folder(tmp_path / "idx")
+    results = script.main(
+        [
+            "--model_name_or_path", str(write_tiny_convnet(tmp_path / "model")), "--idx_dir", str(data),
+            "--output_dir", str(tmp_path / "out"), "--do_train", "--do_eval", "--dense_baseline",
+            "--oto_variant", "sgd", *COMMON_ARGS,
+        ]
+    )  # fmt: skip
+    assert "group_sparsity" not in results and 0.0 <= results["eval_accuracy"] <= 1.0
+    assert (tmp_path / "out" / "dense" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--idx_dir", "x"], "exactly one of --architecture"),
+        (["--architecture", "vgg19", "--idx_dir", "x"], "--architecture 'vgg19' is unknown"),
+        (["--architecture", "vgg16_bn"], "exactly one data source"),
+        (["--architecture", "vgg16_bn", "--idx_dir", "x", "--dataset_name", "cifar10"], "exactly one data source"),
+        (["--architecture", "vgg16_bn", "--idx_dir", "x", "--max_train_samples", "0"], "must be a positive"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(tmp_path, argv, message):
+    script = load_script()
+    with pytest.raises(ValueError, match=message):
+        script.parse_arguments([*argv, "--output_dir", str(tmp_path)])
+
+
+def test_idx_files_are_checked(tmp_path):
+    data = write_idx_folder(tmp_path / "idx", train=6, test=3)
+    assert read_idx(data / "train-images-idx3-ubyte.gz").shape == (6, 12, 12)
+    loaded = load_idx_dataset(data)
+    assert loaded["train"].num_rows == 6 and loaded["train"].features["label"].names == ["0", "1", "2"]
+
+    not_idx = tmp_path / "notes.gz"
+    with gzip.open(not_idx, "wb") as handle:
+        handle.write(b"hello world, not an IDX file")
+    with pytest.raises(ValueError, match="is not an IDX file"):
+        read_idx(not_idx)
+
+    truncated = tmp_path / "truncated-images-idx3-ubyte.gz"
+    raw = gzip.open(data / "train-images-idx3-ubyte.gz").read()
+    with gzip.open(truncated, "wb") as handle:
+        handle.write(raw[:-10])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        read_idx(truncated)
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="No train-images-idx3-ubyte"):
+        load_idx_dataset(tmp_path / "empty")
+
+
+def test_preprocessor_pads_resizes_and_normalises():
+    grey = np.full((28, 28), 255, np.uint8)
+    padded = ImagePreprocessor("image", "label", 32, 1, [0.0], [1.0])({"image": [grey], "label": [1]})
+    assert padded["pixel_values"].shape == (1, 1, 32, 32)
+    assert padded["pixel_values"][0, 0, 0, 0] == 0.0 and padded["pixel_values"][0, 0, 2, 2] == 1.0
+    colour = np.zeros((20, 20, 3), np.uint8)
+    resized = ImagePreprocessor("image", "label", 32, 3, [0.5] * 3, [0.25] * 3)({"image": [colour]})
+    assert resized["pixel_values"].shape == (1, 3, 32, 32) and "labels" not in resized
+    assert torch.allclose(resized["pixel_values"], torch.full((1, 3, 32, 32), -2.0))
+    with pytest.raises(ValueError, match="need 1 values"):
+        ImagePreprocessor("image", "label", 32, 1, [0.5, 0.5], [1.0])
