@@ -546,6 +546,7 @@ def write_outputs(
         "auto_class": auto_class_name(slim),
         "hyperparameters": {
             **oto_args.oto_hyperparameters(),
+            "oto_families": oto_args.oto_families or list(zigs.num_groups_by_kind()),
             "oto_init_steps_resolved": results["oto_init_steps_resolved"],
             "learning_rate": loop_args.learning_rate,
             "lr_scheduler_type": loop_args.lr_scheduler_type.value,
