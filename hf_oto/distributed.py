@@ -21,8 +21,8 @@ logger = logging.get_logger(__name__)
 
 UNSUPPORTED_DISTRIBUTED_TYPES = {
     "FSDP": (
-        "FSDP shards the parameters across ranks, so the group norms and the half-space test of HSPG would be computed "
-        "on shards and be wrong"
+        "FSDP shards the parameters across ranks, so the group norms and the half-space test of HSPG would be "
+        "computed on shards and be wrong"
     ),
     "DEEPSPEED": (
         "DeepSpeed either builds its own optimizer from its config (HSPG would be silently bypassed: no zero groups) "

@@ -234,8 +234,8 @@ def check_output_dir(loop_args: LoopArguments, pruned_dir: str) -> None:
         if checkpoints:
             raise ValueError(
                 f"The output folder {loop_args.output_dir!r} already holds checkpoints of a run (up to "
-                f"{checkpoints[-1].name}). Pass --resume_from_checkpoint latest to continue it, --overwrite_output_dir "
-                "to start afresh (its checkpoints are deleted), or choose another --output_dir."
+                f"{checkpoints[-1].name}). Pass --resume_from_checkpoint latest to continue it, "
+                "--overwrite_output_dir to start afresh (its checkpoints are deleted), or choose another --output_dir."
             )
 
 
@@ -384,7 +384,8 @@ def run(
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         logger.info(
-            f"Resumed from {checkpoint} at step {progress.completed_steps} (HSPG stage {unwrap_optimizer(optimizer).stage}, "
+            f"Resumed from {checkpoint} at step {progress.completed_steps} (HSPG stage "
+            f"{unwrap_optimizer(optimizer).stage}, "
             f"{zigs.num_zero_groups()} zero groups)."
         )
 

@@ -149,11 +149,11 @@ class HSPG(Optimizer):
     the penalty and takes part in the half-space test).
 
     **Non-finite gradients.** With `skip_nonfinite=True` (the default) HSPG first checks that every gradient is
-    finite (one read of the gradients and one host sync per step, about 7% of an AdamW step). If one holds an `inf` or a `NaN`, the whole step is
-    skipped with a warning: parameters, moments, zero groups and the step count stay exactly as they were (a NaN would
-    otherwise reach the group norms and, through the moments, every later step), and `skipped_steps` counts it. This
-    is what `torch.amp.GradScaler` does on an fp16 overflow; under the `Trainer` or Accelerate the learning-rate
-    schedule still advances, as it does for any skipped step there.
+    finite (one read of the gradients and one host sync per step, about 7% of an AdamW step). If one holds an `inf`
+    or a `NaN`, the whole step is skipped with a warning: parameters, moments, zero groups and the step count stay
+    exactly as they were (a NaN would otherwise reach the group norms and, through the moments, every later step),
+    and `skipped_steps` counts it, as `torch.amp.GradScaler` skips a step on an fp16 overflow. The `Trainer` and
+    Accelerate do not see this skip (they do see the `GradScaler`'s): their learning-rate schedule still advances.
 
     **Data parallel.** Under DDP every rank holds the whole parameters and the same all-reduced gradients, so every
     rank takes the identical step and zeroes the identical groups. Sharded parameters (FSDP, DeepSpeed ZeRO) are
@@ -811,9 +811,9 @@ def _check_not_sharded(param: torch.Tensor, name: str) -> None:
         sharded = True
     if sharded:
         raise ValueError(
-            f"HSPG got a sharded parameter ({name!r}, {type(param).__name__}): FSDP and DeepSpeed ZeRO split parameters "
-            "across ranks, so the group norms and the half-space test of one rank would be wrong. Train with data "
-            "parallel (DDP: `accelerate launch --multi_gpu` or `torchrun`), where every rank holds whole parameters."
+            f"HSPG got a sharded parameter ({name!r}, {type(param).__name__}): FSDP and DeepSpeed ZeRO split "
+            "parameters across ranks, so the group norms and the half-space test of one rank would be wrong. Train "
+            "with data parallel (DDP: `accelerate launch --multi_gpu` or `torchrun`), where every rank holds whole parameters."
         )
 
 
