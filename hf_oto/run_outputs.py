@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers import HfArgumentParser
 from transformers.utils import logging
 
 
@@ -165,3 +167,25 @@ def finish_run_outputs(
             json.dump(results, handle, indent=2, sort_keys=True)
         logger.info(f"Results: {json.dumps(results, indent=2, sort_keys=True)}")
     return results
+
+
+def parse_script_arguments(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple:
+    """Parses a script's argument dataclasses from the command line (`argv`, default `sys.argv[1:]`), or from a
+    single JSON file when `argv` is one path ending in `.json`, as the transformers example scripts do.
+
+    Example:
+
+    ```python
+    >>> from hf_oto import OTOTrainingArguments
+    >>> from hf_oto.run_outputs import parse_script_arguments
+
+    >>> (args,) = parse_script_arguments([OTOTrainingArguments], ["--output_dir", "out", "--oto_lambda", "5"])
+    >>> args.oto_lambda
+    5.0
+    ```
+    """
+    parser = HfArgumentParser(tuple(dataclass_types))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +42,6 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from transformers import (
     AutoModelForImageClassification,
     EvalPrediction,
-    HfArgumentParser,
     PreTrainedModel,
     Trainer,
     default_data_collator,
@@ -54,7 +52,7 @@ from transformers.utils import logging
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
 from hf_oto.data.images import ImagePreprocessor, channel_statistics, load_idx_dataset
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
-from hf_oto.run_outputs import OTORunOutputArguments, write_run_outputs
+from hf_oto.run_outputs import OTORunOutputArguments, parse_script_arguments, write_run_outputs
 
 
 logger = logging.get_logger("hf_oto.run_image_classification_oto")
@@ -220,12 +218,9 @@ def build_model(model_args: ModelArguments, names: list[str], num_channels: int)
     return model
 
 
-def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, OTOTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+def parse_arguments(argv: list[str] | None = None) -> tuple:
+    """Parses the arguments from the command line, or from a single JSON file."""
+    return parse_script_arguments((ModelArguments, DataArguments, OTOTrainingArguments), argv)
 
 
 def run(

@@ -29,7 +29,6 @@ import copy
 import json
 import logging as std_logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,6 @@ from datasets import Dataset, DatasetDict, load_dataset
 from transformers import (
     AutoModelForQuestionAnswering,
     AutoTokenizer,
-    HfArgumentParser,
     PreTrainedTokenizerFast,
     default_data_collator,
     set_seed,
@@ -47,7 +45,7 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
-from hf_oto.run_outputs import OTORunOutputArguments, check_pruned_dir, write_run_outputs
+from hf_oto.run_outputs import OTORunOutputArguments, check_pruned_dir, parse_script_arguments, write_run_outputs
 from hf_oto.squad import (
     postprocess_qa_predictions,
     prepare_eval_features,
@@ -106,12 +104,9 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -
     return DatasetDict(splits)
 
 
-def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, OTOTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+def parse_arguments(argv: list[str] | None = None) -> tuple:
+    """Parses the arguments from the command line, or from a single JSON file."""
+    return parse_script_arguments((ModelArguments, DataTrainingArguments, OTOTrainingArguments), argv)
 
 
 def main(argv: list[str] | None = None) -> dict:

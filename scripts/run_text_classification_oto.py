@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import logging as std_logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     default_data_collator,
     set_seed,
 )
@@ -65,18 +63,15 @@ from hf_oto.data.text_classification import (  # noqa: F401  (build_label_list, 
     load_text_classification_splits,
     tokenize_splits,
 )
-from hf_oto.run_outputs import check_pruned_dir, write_run_outputs
+from hf_oto.run_outputs import check_pruned_dir, parse_script_arguments, write_run_outputs
 
 
 logger = logging.get_logger("hf_oto.run_text_classification_oto")
 
 
-def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, OTOTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+def parse_arguments(argv: list[str] | None = None) -> tuple:
+    """Parses the arguments from the command line, or from a single JSON file."""
+    return parse_script_arguments((ModelArguments, DataTrainingArguments, OTOTrainingArguments), argv)
 
 
 def run(

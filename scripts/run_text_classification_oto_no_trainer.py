@@ -46,7 +46,6 @@ import logging as std_logging
 import math
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,7 +62,6 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
-    HfArgumentParser,
     SchedulerType,
     default_data_collator,
     get_scheduler,
@@ -83,7 +81,7 @@ from hf_oto.data.text_classification import (
 )
 from hf_oto.distributed import check_distributed_support
 from hf_oto.model_card import write_model_card
-from hf_oto.run_outputs import check_pruned_dir, finish_run_outputs
+from hf_oto.run_outputs import check_pruned_dir, finish_run_outputs, parse_script_arguments
 from hf_oto.trainer import auto_class_name, hspg_param_groups, prune_and_check
 from hf_oto.training_args import OTOArguments
 
@@ -189,12 +187,9 @@ class TrainingProgress:
             setattr(self, key, value)
 
 
-def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, OTOArguments, LoopArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+def parse_arguments(argv: list[str] | None = None) -> tuple:
+    """Parses the arguments from the command line, or from a single JSON file."""
+    return parse_script_arguments((ModelArguments, DataTrainingArguments, OTOArguments, LoopArguments), argv)
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
