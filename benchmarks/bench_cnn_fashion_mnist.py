@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--oto_epsilon", type=float, default=0.0)
     parser.add_argument("--oto_init_fraction", type=float, default=0.3)
     parser.add_argument("--oto_max_group_sparsity", type=float, default=0.6)
+    parser.add_argument("--oto_max_family_sparsity", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output_dir", default="outputs/bench-cnn-fashion-mnist")
     parser.add_argument("--output_json", default=None)
@@ -80,6 +81,8 @@ def run_one(script, args, architecture: str, dense: bool) -> dict:
         argv += ["--max_eval_samples", str(args.max_eval_samples)]
     if args.oto_max_group_sparsity is not None:
         argv += ["--oto_max_group_sparsity", str(args.oto_max_group_sparsity)]
+    if args.oto_max_family_sparsity is not None:
+        argv += ["--oto_max_family_sparsity", str(args.oto_max_family_sparsity)]
     if dense:
         argv.append("--dense_baseline")
     start = time.time()

@@ -49,6 +49,9 @@ class OTOArguments:
             Momentum in [0, 1) of the `"sgd"` variant.
         oto_max_group_sparsity (`float`, *optional*):
             Upper bound in (0, 1] on the fraction of groups HSPG may zero; no bound when not given.
+        oto_max_family_sparsity (`float`, *optional*):
+            Upper bound in (0, 1] on the fraction of each family's groups (one layer's heads, FFN rows or channels)
+            HSPG may zero, so that no layer is emptied; no bound when not given.
         oto_families (`list[str]`, *optional*):
             Which kinds of zero-invariant groups to train for sparsity: attention `"heads"` and/or `"ffn"` rows of a
             transformer, or `"channels"` of a convolutional network. By default `["heads", "ffn"]` for supported
@@ -102,6 +105,13 @@ class OTOArguments:
         default=None,
         metadata={"help": "Upper bound in (0, 1] on the fraction of groups HSPG may set to zero; none by default."},
     )
+    oto_max_family_sparsity: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Upper bound in (0, 1] on the fraction of each family's groups (a layer's heads, FFN rows or "
+            "channels) HSPG may set to zero; none by default."
+        },
+    )
     oto_families: Optional[list[str]] = field(
         default=None,
         metadata={
@@ -147,6 +157,13 @@ class OTOArguments:
             raise ValueError(
                 f"oto_max_group_sparsity must be in (0, 1] (or None for no bound); got {self.oto_max_group_sparsity!r}."
             )
+        if self.oto_max_family_sparsity is not None and not (
+            isinstance(self.oto_max_family_sparsity, (int, float)) and 0.0 < self.oto_max_family_sparsity <= 1.0
+        ):
+            raise ValueError(
+                "oto_max_family_sparsity must be in (0, 1] (or None for no bound); got "
+                f"{self.oto_max_family_sparsity!r}."
+            )
         if isinstance(self.oto_families, str):
             self.oto_families = [self.oto_families]
         if self.oto_families is not None:
@@ -189,14 +206,16 @@ class OTOArguments:
         return int(math.floor(fraction * max_steps))
 
     def hspg_kwargs(self) -> dict:
-        """The keyword arguments of [`HSPG`] these knobs set: `lmbda`, `epsilon`, `variant`, `momentum` and
-        `max_group_sparsity` (the learning rate, `init_steps` and the Adam settings come from the training loop)."""
+        """The keyword arguments of [`HSPG`] these knobs set: `lmbda`, `epsilon`, `variant`, `momentum`,
+        `max_group_sparsity` and `max_family_sparsity` (the learning rate, `init_steps` and the Adam settings come from
+        the training loop)."""
         return {
             "lmbda": self.oto_lambda,
             "epsilon": self.oto_epsilon,
             "variant": self.oto_variant,
             "momentum": self.oto_momentum,
             "max_group_sparsity": self.oto_max_group_sparsity,
+            "max_family_sparsity": self.oto_max_family_sparsity,
         }
 
     def oto_hyperparameters(self) -> dict:
@@ -209,6 +228,7 @@ class OTOArguments:
             "oto_variant": self.oto_variant,
             "oto_momentum": self.oto_momentum,
             "oto_max_group_sparsity": self.oto_max_group_sparsity,
+            "oto_max_family_sparsity": self.oto_max_family_sparsity,
             "oto_families": list(self.oto_families) if self.oto_families is not None else None,
             "oto_exclude": list(self.oto_exclude),
         }

@@ -96,6 +96,8 @@ SETTINGS = {
         (dict(init_steps=1.5), "init_steps"),
         (dict(max_group_sparsity=0.0), "max_group_sparsity"),
         (dict(max_group_sparsity=1.5), "max_group_sparsity"),
+        (dict(max_family_sparsity=0.0), "max_family_sparsity"),
+        (dict(max_family_sparsity=1.01), "max_family_sparsity"),
         (dict(weight_decay=-1.0), "weight_decay"),
         (dict(eps=-1.0), "eps"),
     ],
@@ -346,6 +348,46 @@ def test_max_group_sparsity_is_never_exceeded(name):
     other = HSPG(unbounded.parameters(), build_zigs(unbounded), init_steps=3, **SETTINGS["sgd"])
     train(unbounded, other, 25)
     assert other.group_sparsity() > 0.25
+
+
+@pytest.mark.parametrize("variant", ["adamw", "sgd"])
+def test_max_family_sparsity_keeps_every_family_partly_alive(variant):
+    model = tiny_model("bert")
+    zigs = build_zigs(model)
+    optimizer = HSPG(model.parameters(), zigs, init_steps=3, max_family_sparsity=0.5, **SETTINGS[variant])
+    worst = []
+    train(model, optimizer, 25, callback=lambda step: worst.append(max(zigs.sparsity_by_family().values())))
+    assert max(worst) <= 0.5
+    zeros = {family.name: family.num_groups - kept for family, kept in zip(zigs.families, zigs.kept_groups().values())}
+    full = {family.name for family in zigs.families if zeros[family.name] == family.num_groups // 2}
+    assert len(full) >= 2  # the bound binds
+    unbounded = tiny_model("bert")
+    other_zigs = build_zigs(unbounded)
+    train(unbounded, HSPG(unbounded.parameters(), other_zigs, init_steps=3, **SETTINGS[variant]), 25)
+    assert max(other_zigs.sparsity_by_family().values()) > 0.5
+
+    # A full family no longer feels the penalty: its members take the same step as with lmbda=0; a family below its
+    # bound still feels it.
+    twin = copy.deepcopy(model)
+    twin_optimizer = HSPG(
+        twin.parameters(), build_zigs(twin), init_steps=3, max_family_sparsity=0.5, **SETTINGS[variant]
+    )
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for group in twin_optimizer.param_groups:
+        group["lmbda"] = 0.0
+    train(model, optimizer, 1, start=25)
+    train(twin, twin_optimizer, 1, start=25)
+    twin_params = dict(twin.named_parameters())
+    same, different = 0, 0
+    for family in zigs.families:
+        for member in family.members:
+            equal = torch.equal(zigs.parameter(member.param_name), twin_params[member.param_name])
+            if family.name in full:
+                assert equal, member.param_name
+                same += 1
+            elif zeros[family.name] < family.num_groups // 2:
+                different += not equal
+    assert same > 0 and different > 0
 
 
 @pytest.mark.parametrize("variant", ["adamw", "sgd"])

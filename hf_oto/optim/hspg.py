@@ -198,6 +198,12 @@ class HSPG(Optimizer):
             exceed it, only the groups with the smallest `x~_g^T x_g / ||x_g||^2` (ranked globally) are zeroed. Once
             the zero groups fill the bound, the group-lasso term is switched off: it could zero nothing more and would
             only bias the kept groups, which then train on `f` alone (zero groups stay zero). Optimizer-wide.
+        max_family_sparsity (`float`, *optional*):
+            Upper bound in `(0, 1]` on the fraction of each family's groups that HSPG may zero (e.g. `0.9`: every
+            layer keeps at least a tenth of its channels, heads or FFN rows). Within a family, the groups with the
+            smallest `x~_g^T x_g / ||x_g||^2` go first; once a family is full, the penalty on it is switched off, as
+            for `max_group_sparsity`. Guards against a whole layer going to zero (which leaves a convolutional network
+            with a constant output). Optimizer-wide.
         skip_nonfinite (`bool`, *optional*, defaults to `True`):
             Skip (with a warning) every step whose gradients hold an `inf` or a `NaN`, instead of letting them into the
             parameters, moments and group norms. Optimizer-wide.
@@ -238,6 +244,7 @@ class HSPG(Optimizer):
         weight_decay: float = 0.0,
         max_group_sparsity: float | None = None,
         skip_nonfinite: bool = True,
+        max_family_sparsity: float | None = None,
     ):
         if not isinstance(zigs, ZIGSet):
             raise ValueError(
@@ -248,6 +255,11 @@ class HSPG(Optimizer):
         if not isinstance(init_steps, int) or isinstance(init_steps, bool) or init_steps < 0:
             raise ValueError(
                 f"init_steps must be a non-negative integer (number of step() calls); got {init_steps!r}."
+            )
+        if max_family_sparsity is not None and not 0.0 < max_family_sparsity <= 1.0:
+            raise ValueError(
+                f"max_family_sparsity must be in (0, 1] (a fraction of each family's groups) or None; got "
+                f"{max_family_sparsity}."
             )
         if max_group_sparsity is not None and not 0.0 < max_group_sparsity <= 1.0:
             raise ValueError(
@@ -265,6 +277,7 @@ class HSPG(Optimizer):
             eps=eps,
             weight_decay=weight_decay,
             max_group_sparsity=max_group_sparsity,
+            max_family_sparsity=max_family_sparsity,
             skip_nonfinite=bool(skip_nonfinite),
         )
         _validate_hyperparameters(defaults, where="")
@@ -272,7 +285,7 @@ class HSPG(Optimizer):
         super().__init__(param_groups, defaults)
         for index, group in enumerate(self.param_groups):
             _validate_hyperparameters(group, where=f" (param group {index})")
-            for key in ("init_steps", "max_group_sparsity", "variant", "skip_nonfinite"):
+            for key in ("init_steps", "max_group_sparsity", "max_family_sparsity", "variant", "skip_nonfinite"):
                 if group[key] != defaults[key]:
                     raise ValueError(
                         f"{key} is optimizer-wide: param group {index} sets {key}={group[key]!r} but the optimizer "
@@ -336,6 +349,7 @@ class HSPG(Optimizer):
             group.setdefault("eps", 1e-8)
             group.setdefault("weight_decay", 0.0)
             group.setdefault("max_group_sparsity", None)
+            group.setdefault("max_family_sparsity", None)
             group.setdefault("skip_nonfinite", True)
             group.setdefault("zig_family", [-1] * count)
             group.setdefault("zig_dim", [-1] * count)
@@ -422,8 +436,11 @@ class HSPG(Optimizer):
             # and the kept groups train on f alone (zero groups still stay zero).
             inverse_norm = {family: torch.zeros_like(squared) for family, squared in family_squared.items()}
         else:
+            full = self._full_families(family_squared, family_size)
             inverse_norm = {
-                family: torch.where(squared > 0, squared.rsqrt(), torch.zeros_like(squared))
+                family: torch.zeros_like(squared)
+                if family in full
+                else torch.where(squared > 0, squared.rsqrt(), torch.zeros_like(squared))
                 for family, squared in family_squared.items()
             }
         by_param = {id(member.param): member for member in members}  # local to this call
@@ -488,6 +505,15 @@ class HSPG(Optimizer):
             return False
         zeros = sum((squared == 0).sum() for squared in family_squared.values())
         return int(zeros) >= math.floor(bound * sum(family_size.values()) + 1e-9)
+
+    def _full_families(self, family_squared: dict[int, torch.Tensor], family_size: dict[int, int]) -> set[int]:
+        """Families whose zero groups already fill `max_family_sparsity` (one host sync; empty without a bound)."""
+        bound = self.param_groups[0].get("max_family_sparsity")
+        if bound is None or not family_squared:
+            return set()
+        families = sorted(family_squared)
+        zeros = torch.stack([(family_squared[f] == 0).sum() for f in families]).tolist()
+        return {f for f, count in zip(families, zeros) if count >= _family_budget(bound, family_size[f])}
 
     def _sparsity(self) -> float:
         try:
@@ -747,6 +773,16 @@ class HSPG(Optimizer):
         families = sorted(trial)
         nonzero = {f: family_squared[f] > 0 for f in families}
         candidates = {f: nonzero[f] & (test[f] < 0) for f in families}
+        ratio = {f: trial[f] / family_squared[f].clamp(min=torch.finfo(trial[f].dtype).tiny) for f in families}
+
+        max_family_sparsity = self.param_groups[0].get("max_family_sparsity")
+        if max_family_sparsity is not None:
+            for f in families:
+                budget = (_family_budget(max_family_sparsity, family_size[f]) - (~nonzero[f]).sum()).clamp(min=0)
+                score = torch.where(candidates[f], ratio[f], torch.full_like(ratio[f], math.inf))
+                rank = torch.empty_like(score, dtype=torch.long)
+                rank[torch.argsort(score, stable=True)] = torch.arange(score.numel(), device=score.device)
+                candidates[f] = candidates[f] & (rank < budget)
 
         max_group_sparsity = self.param_groups[0]["max_group_sparsity"]
         if max_group_sparsity is not None:
@@ -754,10 +790,8 @@ class HSPG(Optimizer):
             zeros = sum((family_squared[f] == 0).sum() for f in family_squared)
             budget = (math.floor(max_group_sparsity * total + 1e-9) - zeros).clamp(min=0)
             flat_candidates = torch.cat([candidates[f] for f in families])
-            ratio = torch.cat(
-                [trial[f] / family_squared[f].clamp(min=torch.finfo(trial[f].dtype).tiny) for f in families]
-            )
-            score = torch.where(flat_candidates, ratio, torch.full_like(ratio, math.inf))
+            flat_ratio = torch.cat([ratio[f] for f in families])
+            score = torch.where(flat_candidates, flat_ratio, torch.full_like(flat_ratio, math.inf))
             order = torch.argsort(score, stable=True)
             rank = torch.empty_like(order)
             rank[order] = torch.arange(order.numel(), device=order.device)
@@ -858,3 +892,8 @@ def _validate_hyperparameters(values: dict[str, Any], where: str) -> None:
         raise ValueError(f"Invalid eps{where}: {values['eps']}; it must be >= 0.")
     if values["weight_decay"] < 0:
         raise ValueError(f"Invalid weight_decay{where}: {values['weight_decay']}; it must be >= 0.")
+
+
+def _family_budget(bound: float, num_groups: int) -> int:
+    """How many groups of a family of `num_groups` `max_family_sparsity=bound` lets HSPG zero."""
+    return math.floor(bound * num_groups + 1e-9)
