@@ -103,7 +103,7 @@ class OTOTrainer(Trainer):
             )
         # Fail on unsupported models before the Trainer sets anything up. The ZIGSet reads the parameters by name, so
         # it stays valid when the Trainer moves the model to its device.
-        zigs = build_zigs(model, families=args.oto_families, exclude=args.oto_exclude) if model is not None else None
+        zigs = build_zigs(model, **args.zig_kwargs()) if model is not None else None
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         # FSDP or DeepSpeed switched on by the launcher (`accelerate launch --use_fsdp`, an accelerate config) rather
         # than by the arguments, which refuse them already.
@@ -113,7 +113,7 @@ class OTOTrainer(Trainer):
             check_distributed_support("FSDP")
         check_distributed_support(self.accelerator.distributed_type)
         if zigs is None or zigs.model is not self.model:
-            zigs = build_zigs(self.model, families=args.oto_families, exclude=args.oto_exclude)
+            zigs = build_zigs(self.model, **args.zig_kwargs())
         self.zigs: Optional[ZIGSet] = zigs
         self.oto_group_kinds: list[str] = list(zigs.num_groups_by_kind())
         self.oto_init_steps: Optional[int] = None
@@ -189,7 +189,7 @@ class OTOTrainer(Trainer):
 
         if self.zigs is None or self.zigs.model is not self.model:
             # `model_init` (hyper-parameter search) made a new model: rebuild its groups.
-            self.zigs = build_zigs(self.model, families=self.args.oto_families, exclude=self.args.oto_exclude)
+            self.zigs = build_zigs(self.model, **self.args.zig_kwargs())
         max_steps = self._oto_num_training_steps if self._oto_num_training_steps is not None else self.args.max_steps
         self.oto_init_steps = self.args.resolve_oto_init_steps(max(int(max_steps), 0))
 

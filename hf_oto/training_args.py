@@ -49,6 +49,9 @@ class OTOArguments:
             Momentum in [0, 1) of the `"sgd"` variant.
         oto_max_group_sparsity (`float`, *optional*):
             Upper bound in (0, 1] on the fraction of groups HSPG may zero; no bound when not given.
+        oto_channel_penalty (`str`, *optional*, defaults to `"conv_and_norm"`):
+            For `"channels"` groups: `"conv_and_norm"` (the paper) or `"norm"` (only the batch-norm weight and bias
+            where a norm reads a convolution directly; see [`~hf_oto.build_zigs`]).
         oto_max_family_sparsity (`float`, *optional*):
             Upper bound in (0, 1] on the fraction of each family's groups (one layer's heads, FFN rows or channels)
             HSPG may zero, so that no layer is emptied; no bound when not given.
@@ -112,6 +115,14 @@ class OTOArguments:
             "channels) HSPG may set to zero; none by default."
         },
     )
+    oto_channel_penalty: str = field(
+        default="conv_and_norm",
+        metadata={
+            "help": "Channel groups of conv networks: conv_and_norm penalises filter, bias and batch-norm weight and "
+            "bias (the paper); norm penalises only the batch-norm weight and bias where a norm reads a conv directly.",
+            "choices": ["conv_and_norm", "norm"],
+        },
+    )
     oto_families: Optional[list[str]] = field(
         default=None,
         metadata={
@@ -164,6 +175,10 @@ class OTOArguments:
                 "oto_max_family_sparsity must be in (0, 1] (or None for no bound); got "
                 f"{self.oto_max_family_sparsity!r}."
             )
+        if self.oto_channel_penalty not in ("conv_and_norm", "norm"):
+            raise ValueError(
+                f"oto_channel_penalty must be 'conv_and_norm' or 'norm'; got {self.oto_channel_penalty!r}."
+            )
         if isinstance(self.oto_families, str):
             self.oto_families = [self.oto_families]
         if self.oto_families is not None:
@@ -205,6 +220,14 @@ class OTOArguments:
         fraction = DEFAULT_INIT_FRACTION if self.oto_init_fraction is None else self.oto_init_fraction
         return int(math.floor(fraction * max_steps))
 
+    def zig_kwargs(self) -> dict:
+        """The keyword arguments of [`build_zigs`] these knobs set: `families`, `exclude` and `channel_penalty`."""
+        return {
+            "families": self.oto_families,
+            "exclude": self.oto_exclude,
+            "channel_penalty": self.oto_channel_penalty,
+        }
+
     def hspg_kwargs(self) -> dict:
         """The keyword arguments of [`HSPG`] these knobs set: `lmbda`, `epsilon`, `variant`, `momentum`,
         `max_group_sparsity` and `max_family_sparsity` (the learning rate, `init_steps` and the Adam settings come from
@@ -230,6 +253,7 @@ class OTOArguments:
             "oto_max_group_sparsity": self.oto_max_group_sparsity,
             "oto_max_family_sparsity": self.oto_max_family_sparsity,
             "oto_families": list(self.oto_families) if self.oto_families is not None else None,
+            "oto_channel_penalty": self.oto_channel_penalty,
             "oto_exclude": list(self.oto_exclude),
         }
 

@@ -336,7 +336,7 @@ def run(
         cache_dir=model_args.cache_dir,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
     )
-    zigs = build_zigs(model, families=oto_args.oto_families, exclude=oto_args.oto_exclude)
+    zigs = build_zigs(model, **oto_args.zig_kwargs())
     logger.info(f"{zigs!r}")
     features, max_seq_length = tokenize_splits(
         data, data_args, tokenizer, main_process_first=lambda desc: accelerator.main_process_first()

@@ -58,12 +58,13 @@ def _assert_sizes_match_weights(model: nn.Module) -> None:
             assert (module.out_features, module.in_features) == tuple(module.weight.shape), name
 
 
+@pytest.mark.parametrize("channel_penalty", ["conv_and_norm", "norm"])
 @pytest.mark.parametrize("pattern", ["random-half", "whole-families", "all-but-one"])
 @pytest.mark.parametrize("name", sorted(TINY_CONVNET_FACTORIES))
-def test_slim_convnet_equals_group_sparse_model(name, pattern):
+def test_slim_convnet_equals_group_sparse_model(name, pattern, channel_penalty):
     torch.manual_seed(0)
     model = randomize_batch_norms(TINY_CONVNET_FACTORIES[name]()).eval()
-    zigs = build_zigs(model)
+    zigs = build_zigs(model, channel_penalty=channel_penalty)
     zigs.set_zero(_zero_mask(zigs, pattern))
     pixels = images(model)
     with torch.no_grad():
@@ -298,3 +299,41 @@ def test_broadcast_masks_keep_channels_prunable_and_added_parameters_keep_them_d
     families, dense = channel_families(_BroadcastNet())
     assert [family.name for family in families] == ["first.channels"]
     assert "second.channels" in dense and "offset" in dense["second.channels"]
+
+
+class _ConvReadTwice(nn.Module):
+    """A conv whose output is read by its batch norm *and* by an add: its filter must stay penalised."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.conv(x)
+        return self.head(torch.relu(self.norm(hidden) + hidden).mean((2, 3)))
+
+
+def test_norm_penalty_leaves_out_filters_only_where_the_norm_alone_reads_them():
+    vgg = build_zigs(tiny_vgg(), channel_penalty="norm").families[0]
+    assert [m.param_name for m in vgg.members] == ["convnet.features.1.weight", "convnet.features.1.bias"]
+    assert {(d.param_name, d.dim) for d in vgg.dependents} >= {
+        ("convnet.features.0.weight", 0),
+        ("convnet.features.0.bias", 0),
+        ("convnet.features.4.weight", 1),
+    }
+    # The classifier's hidden linear layer has no norm: its rows stay penalised.
+    assert (
+        build_zigs(tiny_vgg(), channel_penalty="norm")
+        .families[-1]
+        .members[0]
+        .param_name.endswith("classifier.0.weight")
+    )
+    twice = build_zigs(_ConvReadTwice(), channel_penalty="norm").families[0]
+    assert "conv.weight" in {m.param_name for m in twice.members}
+    # Same families and layout in both modes.
+    both = [build_zigs(tiny_hf_resnet(), channel_penalty=mode) for mode in ("conv_and_norm", "norm")]
+    assert [(f.name, f.num_groups) for f in both[0].families] == [(f.name, f.num_groups) for f in both[1].families]
+    with pytest.raises(ValueError, match="channel_penalty must be one of"):
+        build_zigs(tiny_vgg(), channel_penalty="bn")

@@ -38,6 +38,7 @@ def build_zigs(
     families: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     example_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    channel_penalty: str = "conv_and_norm",
 ) -> ZIGSet:
     """Partitions a model's prunable parameters into zero-invariant groups.
 
@@ -62,6 +63,10 @@ def build_zigs(
             For `"channels"`: a batch for the model's main input, run once to read the shapes. Defaults to zeros of
             `[1, config.num_channels, config.image_size, config.image_size]` (or 32 x 32 with the first
             convolution's input channels).
+        channel_penalty (`str`, *optional*, defaults to `"conv_and_norm"`):
+            For `"channels"`: `"conv_and_norm"` penalises a channel's filter, bias and batch-norm weight and bias
+            (the paper); `"norm"` penalises only the batch-norm weight and bias where a norm reads a convolution
+            directly, and slices the filter along (see [`~hf_oto.zig.conv.channel_families`]).
 
     Returns:
         [`ZIGSet`]: the groups, in layer (graph) order.
@@ -100,7 +105,7 @@ def build_zigs(
     if transformer_kinds:
         all_families += transformer_families(model, transformer_kinds)
     if "channels" in families:
-        channels, dense = channel_families(model, example_inputs)
+        channels, dense = channel_families(model, example_inputs, channel_penalty)
         for line in describe_dense_channels(dense):
             logger.info(line)
         if not channels:

@@ -409,6 +409,21 @@ class _Space:
     dependents: list[ZIGMember] = field(default_factory=list)
     buffers: list[str] = field(default_factory=list)
     fixed: str | None = None
+    producer_members: list[ZIGMember] = field(default_factory=list)
+    producer_node: torch.fx.Node | None = None
+    normalized_directly: bool = False
+
+    def penalised(self, channel_penalty: str) -> list[ZIGMember]:
+        """The members the group lasso sees: with `"norm"`, the producer's filter is left out when a norm reads
+        its output directly (and nothing else does)."""
+        if channel_penalty == "norm" and self.normalized_directly:
+            return list(self.members)
+        return [*self.producer_members, *self.members]
+
+    def sliced_along(self, channel_penalty: str) -> list[ZIGMember]:
+        if channel_penalty == "norm" and self.normalized_directly:
+            return [*self.producer_members, *self.dependents]
+        return list(self.dependents)
 
 
 @dataclass(frozen=True)
@@ -426,8 +441,9 @@ class _Channels:
 class _ChannelGraph:
     """Walks a traced graph and collects channel spaces, their ties, members and consumers."""
 
-    def __init__(self, model: nn.Module, graph_module: torch.fx.GraphModule):
+    def __init__(self, model: nn.Module, graph_module: torch.fx.GraphModule, channel_penalty: str = "conv_and_norm"):
         self.model = model
+        self.channel_penalty = channel_penalty
         self.graph_module = graph_module
         self.spaces: list[_Space] = []
         self.parent: list[int] = []
@@ -576,9 +592,10 @@ class _ChannelGraph:
     def produce(self, node: torch.fx.Node, module: nn.Module, path: str) -> None:
         channels = self.new_space(module.weight.shape[0], path)
         space = self.spaces[channels.segments[0][0]]
-        space.members.append(ZIGMember(f"{path}.weight", 0))
+        space.producer_node = node
+        space.producer_members.append(ZIGMember(f"{path}.weight", 0))
         if getattr(module, "bias", None) is not None:
-            space.members.append(ZIGMember(f"{path}.bias", 0))
+            space.producer_members.append(ZIGMember(f"{path}.bias", 0))
         self.channels[node] = channels
 
     def norm(
@@ -605,6 +622,9 @@ class _ChannelGraph:
                 self.channels[node] = incoming
             return
         target = self.spaces[space]
+        source = node.args[0] if node.args else None
+        if source is not None and source is target.producer_node and len(source.users) == 1:
+            target.normalized_directly = True  # conv -> BN with nothing else reading the conv's output
         target.members += [ZIGMember(f"{path}.weight", 0), ZIGMember(f"{path}.bias", 0)]
         buffers = adapter.buffers if adapter is not None else ("running_mean", "running_var")
         target.buffers += [f"{path}.{name}" for name in buffers if getattr(module, name, None) is not None]
@@ -732,7 +752,7 @@ class _ChannelGraph:
             classes.setdefault(self.find(space.index), []).append(space)
         families, dense = [], {}
         for spaces in classes.values():
-            producers = [space for space in spaces if space.members]
+            producers = [space for space in spaces if space.members or space.producer_members]
             reasons = list(dict.fromkeys(space.fixed for space in spaces if space.fixed))
             if not producers:
                 continue
@@ -740,14 +760,16 @@ class _ChannelGraph:
             if reasons:
                 dense[name] = "; ".join(reasons)
                 continue
-            modules = sorted({member.param_name.rpartition(".")[0] for space in spaces for member in space.members})
+            penalty = self.channel_penalty
+            members = [member for space in spaces for member in space.penalised(penalty)]
+            modules = sorted({member.param_name.rpartition(".")[0] for member in members})
             families.append(
                 ZIGFamily(
                     name=name,
                     kind="channels",
                     num_groups=producers[0].size,
-                    members=tuple(member for space in spaces for member in space.members),
-                    dependents=tuple(member for space in spaces for member in space.dependents),
+                    members=tuple(members),
+                    dependents=tuple(member for space in spaces for member in space.sliced_along(penalty)),
                     module=producers[0].producer,
                     meta={
                         "buffers": [buffer for space in spaces for buffer in space.buffers],
@@ -759,8 +781,14 @@ class _ChannelGraph:
         return families, dense
 
 
+CHANNEL_PENALTIES = ("conv_and_norm", "norm")
+"""What a channel group penalises: the paper's filter + bias + batch-norm weight and bias, or the norm's alone."""
+
+
 def channel_families(
-    model: nn.Module, example_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None
+    model: nn.Module,
+    example_inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+    channel_penalty: str = "conv_and_norm",
 ) -> tuple[list[ZIGFamily], dict[str, str]]:
     """Traces `model` and returns its channel families, plus `{family name: reason}` for the channels kept dense.
 
@@ -771,6 +799,13 @@ def channel_families(
         example_inputs (`torch.Tensor` or `dict`, *optional*):
             An input batch for the model's main input, used once (in eval mode, without gradients) to read the
             shapes of every step. Defaults to [`default_example_inputs`].
+        channel_penalty (`str`, *optional*, defaults to `"conv_and_norm"`):
+            `"conv_and_norm"` (the paper): a group penalises the filter, its bias and the batch-norm weight and
+            bias. `"norm"`: where a batch norm reads a convolution's output directly (and nothing else reads it), the
+            group penalises only the norm's weight and bias; they alone make the channel zero, and the filter is
+            sliced along with them. A filter followed by batch norm is scale-invariant (the loss has no gradient
+            along it), so the group lasso shrinks it without resistance until the norm works in its `eps` regime;
+            penalising the norm's parameters avoids that. The families and the layout are the same in both modes.
 
     Returns:
         `tuple[list[ZIGFamily], dict[str, str]]`: the families in graph order, and the dense channel sets.
@@ -794,7 +829,9 @@ def channel_families(
         ) from error
     finally:
         model.train(was_training)
-    walk = _ChannelGraph(model, graph_module)
+    if channel_penalty not in CHANNEL_PENALTIES:
+        raise ValueError(f"channel_penalty must be one of {list(CHANNEL_PENALTIES)}; got {channel_penalty!r}.")
+    walk = _ChannelGraph(model, graph_module, channel_penalty)
     walk.run()
     return walk.families()
 
