@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--oto_init_fraction", type=float, default=0.3)
     parser.add_argument("--oto_max_group_sparsity", type=float, default=0.6)
     parser.add_argument("--oto_max_family_sparsity", type=float, default=0.8)
+    parser.add_argument("--oto_channel_penalty", choices=["conv_and_norm", "norm"], default="norm")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--output_dir", default="outputs/bench-cnn-fashion-mnist")
     parser.add_argument("--output_json", default=None)
@@ -75,7 +76,7 @@ def run_one(script, args, architecture: str, dense: bool) -> dict:
         "--max_train_samples", str(args.max_train_samples), "--seed", str(args.seed), "--report_to", "none",
         "--save_strategy", "no", "--logging_steps", "20", "--dataloader_num_workers", "0",
         "--oto_variant", args.oto_variant, "--oto_lambda", str(args.oto_lambda), "--oto_epsilon", str(args.oto_epsilon),
-        "--oto_init_fraction", str(args.oto_init_fraction),
+        "--oto_init_fraction", str(args.oto_init_fraction), "--oto_channel_penalty", args.oto_channel_penalty,
     ]  # fmt: skip
     if args.max_eval_samples:
         argv += ["--max_eval_samples", str(args.max_eval_samples)]
