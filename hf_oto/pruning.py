@@ -442,7 +442,7 @@ def prune_zero_groups(
     # Read the zero groups from `model` itself, so ZIGs built on an equal copy work too.
     masks = ZIGSet(model, zigs.families).family_zero_masks()
     channels = any(family.kind == "channels" for family in zigs.families)
-    flops_inputs = flops_inputs if flops_inputs is not None or not channels else _image_inputs(model, zigs)
+    flops_inputs = flops_inputs if flops_inputs is not None or not channels else _image_inputs(model)
     params_before = count_parameters(model)
     flops_before = count_flops(model, seq_length=seq_length, inputs=flops_inputs)
     layout_before = _zigs_layout(zigs) if channels else current_layout(model)
@@ -479,7 +479,7 @@ def _zigs_layout(zigs: ZIGSet, sliced: Sequence[tuple[ZIGFamily, torch.Tensor]] 
     return {"channels": {family.name: max(int(kept.numel()), 1) for family, kept in sliced}}
 
 
-def _image_inputs(model: nn.Module, zigs: ZIGSet) -> dict[str, torch.Tensor] | None:
+def _image_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """Dummy image inputs for counting FLOPs of a CNN without a `main_input_name` (a plain `nn.Module`)."""
     if getattr(model, "main_input_name", None):
         return None

@@ -441,8 +441,7 @@ class _Channels:
 class _ChannelGraph:
     """Walks a traced graph and collects channel spaces, their ties, members and consumers."""
 
-    def __init__(self, model: nn.Module, graph_module: torch.fx.GraphModule, channel_penalty: str = "conv_and_norm"):
-        self.model = model
+    def __init__(self, graph_module: torch.fx.GraphModule, channel_penalty: str = "conv_and_norm"):
         self.channel_penalty = channel_penalty
         self.graph_module = graph_module
         self.spaces: list[_Space] = []
@@ -831,7 +830,7 @@ def channel_families(
         model.train(was_training)
     if channel_penalty not in CHANNEL_PENALTIES:
         raise ValueError(f"channel_penalty must be one of {list(CHANNEL_PENALTIES)}; got {channel_penalty!r}.")
-    walk = _ChannelGraph(model, graph_module, channel_penalty)
+    walk = _ChannelGraph(graph_module, channel_penalty)
     walk.run()
     return walk.families()
 
