@@ -85,11 +85,8 @@ def plot_layout(report: PruningReport, path: str | os.PathLike) -> Path:
     figure, axis = plt.subplots(figsize=(max(5, 0.6 * len(layers) + 2), 3.2), dpi=120)
     bars_heads = axis.bar([x - width / 2 for x in layers], heads, width, label="attention heads", color="#4C72B0")
     bars_ffn = axis.bar([x + width / 2 for x in layers], ffn, width, label="FFN rows", color="#DD8452")
-    for bars, after in ((bars_heads, report.num_attention_heads_after), (bars_ffn, report.intermediate_size_after)):
-        for bar, kept in zip(bars, after):
-            axis.annotate(
-                str(kept), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7
-            )
+    _label_bars(axis, bars_heads, report.num_attention_heads_after, fontsize=7)
+    _label_bars(axis, bars_ffn, report.intermediate_size_after, fontsize=7)
     axis.set_xticks(layers)
     axis.set_xlabel("layer")
     axis.set_ylabel("kept share")
@@ -107,16 +104,25 @@ def plot_layout(report: PruningReport, path: str | os.PathLike) -> Path:
     return path
 
 
+def _label_bars(axis, bars, counts: Sequence[int], fontsize: int) -> None:
+    """Writes each bar's kept count above it."""
+    for bar, kept in zip(bars, counts):
+        axis.annotate(
+            str(kept),
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=fontsize,
+        )
+
+
 def _plot_channels(report: PruningReport, path: Path, plt) -> Path:
     before = list(report.channels_before.values())
     after = [report.channels_after[name] for name in report.channels_before]
     positions = list(range(len(before)))
     figure, axis = plt.subplots(figsize=(max(5, 0.35 * len(before) + 2), 3.2), dpi=120)
     bars = axis.bar(positions, [a / b if b else 0 for a, b in zip(after, before)], 0.7, color="#55A868")
-    for bar, kept in zip(bars, after):
-        axis.annotate(
-            str(kept), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=6
-        )
+    _label_bars(axis, bars, after, fontsize=6)
     axis.set_xticks(positions)
     axis.set_xlabel("channel family (graph order)")
     axis.set_ylabel("kept share")
