@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
+from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification, CifarResNet, CifarVGG
 
 
 class ConcatNet(nn.Module):
@@ -139,6 +139,8 @@ TINY_CONVNET_FACTORIES = {
     "cifar-vgg": tiny_vgg,
     "cifar-resnet-bottleneck": tiny_cifar_resnet,
     "cifar-resnet-basic": lambda: tiny_cifar_resnet("basic"),
+    "plain-cifar-vgg": lambda: CifarVGG([6, "M", 8, "M"], num_classes=3, image_size=32),
+    "plain-cifar-resnet": lambda: CifarResNet("bottleneck", depths=[2, 1], widths=[4, 6], num_classes=3, stem_width=8),
     "hf-resnet-bottleneck": tiny_hf_resnet,
     "hf-resnet-basic": lambda: tiny_hf_resnet("basic"),
     "concat": ConcatNet,
@@ -162,7 +164,7 @@ def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def images(model: nn.Module, batch: int = 3, seed: int = 0) -> torch.Tensor:
     config = getattr(model, "config", None)
-    size = getattr(config, "image_size", 16)
+    size = getattr(config, "image_size", 32)  # plain modules are traced at 32 x 32 by default
     return torch.randn(
         batch, getattr(config, "num_channels", 3), size, size, generator=torch.Generator().manual_seed(seed)
     )
