@@ -189,3 +189,28 @@ def parse_script_arguments(dataclass_types: Sequence[type], argv: list[str] | No
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def sparsity_results(zigs, *, by_family: bool = True) -> dict[str, Any]:
+    """The group-sparsity figures the scripts write to `all_results.json`: overall, per kind, per family (unless
+    `by_family=False`), and the zero and total group counts.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, BertModel
+    >>> from hf_oto import build_zigs
+    >>> from hf_oto.run_outputs import sparsity_results
+
+    >>> zigs = build_zigs(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)))
+    >>> sparsity_results(zigs)["zero_groups"]
+    0
+    ```
+    """
+    return {
+        "group_sparsity": zigs.group_sparsity(),
+        **{f"group_sparsity_{kind}": value for kind, value in zigs.sparsity_by_kind().items()},
+        **({"group_sparsity_by_family": zigs.sparsity_by_family()} if by_family else {}),
+        "zero_groups": zigs.num_zero_groups(),
+        "num_groups": len(zigs),
+    }

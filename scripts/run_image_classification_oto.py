@@ -53,7 +53,7 @@ from transformers.utils import logging
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
 from hf_oto.data.images import ImagePreprocessor, channel_statistics, load_idx_dataset
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
-from hf_oto.run_outputs import OTORunOutputArguments, parse_script_arguments, write_run_outputs
+from hf_oto.run_outputs import OTORunOutputArguments, parse_script_arguments, sparsity_results, write_run_outputs
 
 
 logger = logging.get_logger("hf_oto.run_image_classification_oto")
@@ -301,10 +301,7 @@ def run(
         return results, trainer
 
     zigs = trainer.zigs
-    results["group_sparsity"] = zigs.group_sparsity()
-    results["group_sparsity_by_family"] = zigs.sparsity_by_family()
-    results["zero_groups"] = zigs.num_zero_groups()
-    results["num_groups"] = len(zigs)
+    results.update(sparsity_results(zigs))
     check_inputs = None
     if trainer.eval_dataset is None and trainer.train_dataset is None:
         dataset = splits.get("validation", splits.get("train"))

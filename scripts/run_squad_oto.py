@@ -45,7 +45,13 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
-from hf_oto.run_outputs import OTORunOutputArguments, check_pruned_dir, parse_script_arguments, write_run_outputs
+from hf_oto.run_outputs import (
+    OTORunOutputArguments,
+    check_pruned_dir,
+    parse_script_arguments,
+    sparsity_results,
+    write_run_outputs,
+)
 from hf_oto.squad import (
     postprocess_qa_predictions,
     prepare_eval_features,
@@ -183,10 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     zigs = trainer.zigs
-    results["group_sparsity"] = zigs.group_sparsity()
-    results.update({f"group_sparsity_{kind}": value for kind, value in zigs.sparsity_by_kind().items()})
-    results["zero_groups"] = zigs.num_zero_groups()
-    results["num_groups"] = len(zigs)
+    results.update(sparsity_results(zigs, by_family=False))
     flops_seq_length = data_args.flops_seq_length or max_seq_length
     results["dense_params"] = count_parameters(trainer.model)
     results["dense_flops"] = count_flops(trainer.model, seq_length=flops_seq_length)

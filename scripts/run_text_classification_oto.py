@@ -63,7 +63,7 @@ from hf_oto.data.text_classification import (  # noqa: F401  (build_label_list, 
     load_text_classification_splits,
     tokenize_splits,
 )
-from hf_oto.run_outputs import check_pruned_dir, parse_script_arguments, write_run_outputs
+from hf_oto.run_outputs import check_pruned_dir, parse_script_arguments, sparsity_results, write_run_outputs
 
 
 logger = logging.get_logger("hf_oto.run_text_classification_oto")
@@ -127,11 +127,7 @@ def run(
         results["train_samples"] = len(features["train"])
 
     zigs = trainer.zigs
-    results["group_sparsity"] = zigs.group_sparsity()
-    results.update({f"group_sparsity_{kind}": value for kind, value in zigs.sparsity_by_kind().items()})
-    results["group_sparsity_by_family"] = zigs.sparsity_by_family()
-    results["zero_groups"] = zigs.num_zero_groups()
-    results["num_groups"] = len(zigs)
+    results.update(sparsity_results(zigs))
     flops_seq_length = data_args.flops_seq_length or max_seq_length
     results["dense_params"] = count_parameters(trainer.model)
     results["dense_flops"] = count_flops(trainer.model, seq_length=flops_seq_length)

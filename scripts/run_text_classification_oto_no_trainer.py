@@ -81,7 +81,7 @@ from hf_oto.data.text_classification import (
 )
 from hf_oto.distributed import check_distributed_support
 from hf_oto.model_card import write_model_card
-from hf_oto.run_outputs import check_pruned_dir, finish_run_outputs, parse_script_arguments
+from hf_oto.run_outputs import check_pruned_dir, finish_run_outputs, parse_script_arguments, sparsity_results
 from hf_oto.trainer import auto_class_name, hspg_param_groups, prune_and_check
 from hf_oto.training_args import OTOArguments
 
@@ -452,11 +452,7 @@ def run(
         "oto_init_steps_resolved": init_steps,
         "skipped_steps": hspg.skipped_steps,
         "resumed_from": str(checkpoint) if checkpoint is not None else None,
-        "group_sparsity": zigs.group_sparsity(),
-        **{f"group_sparsity_{kind}": value for kind, value in zigs.sparsity_by_kind().items()},
-        "group_sparsity_by_family": zigs.sparsity_by_family(),
-        "zero_groups": zigs.num_zero_groups(),
-        "num_groups": len(zigs),
+        **sparsity_results(zigs),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
