@@ -100,6 +100,102 @@ def dummy_inputs(model: nn.Module, seq_length: int = 128, batch_size: int = 1) -
 
 
 @torch.no_grad()
+def module_flops(
+    model: nn.Module,
+    seq_length: int = 128,
+    batch_size: int = 1,
+    *,
+    inputs: dict[str, torch.Tensor] | None = None,
+) -> dict[str, dict[str, int]]:
+    """The FLOPs [`count_flops`] counts, itemised by module: `{"linear": {path: flops}, "attention": {query path:
+    flops}}` (`nn.Linear` and `nn.Conv2d` products under `"linear"`; the attention score and context products of a
+    layer under `"attention"`, keyed by the path of its query projection). [`count_flops`] is the sum of all items;
+    [`~hf_oto.costs.GroupCosts`] prices each zero-invariant group from the same items, so that a FLOPs target and the
+    pruning report use one counter.
+
+    Args:
+        model (`nn.Module`): The model.
+        seq_length (`int`, *optional*, defaults to 128): Length of the dummy token sequence.
+        batch_size (`int`, *optional*, defaults to 1): Batch size of the dummy inputs.
+        inputs (`dict[str, torch.Tensor]`, *optional*): Your own keyword inputs instead of the dummy ones.
+
+    Returns:
+        `dict[str, dict[str, int]]`: FLOPs per module path, in two kinds.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, BertModel
+    >>> from hf_oto.flops import count_flops, module_flops
+
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37))
+    >>> items = module_flops(model, seq_length=16)
+    >>> sum(sum(kind.values()) for kind in items.values()) == count_flops(model, seq_length=16)
+    True
+    ```
+    """
+    if inputs is None:
+        if seq_length < 1 or batch_size < 1:
+            raise ValueError(f"seq_length and batch_size must be positive; got {seq_length} and {batch_size}.")
+        inputs = dummy_inputs(model, seq_length=seq_length, batch_size=batch_size)
+    linear: dict[str, int] = {}
+    attention: dict[str, int] = {}
+    handles = []
+
+    def add(table: dict[str, int], name: str, flops: int) -> None:
+        table[name] = table.get(name, 0) + flops  # a module called twice counts twice
+
+    def linear_hook(name: str):
+        def hook(module: nn.Linear, args, output):
+            if module.in_features and module.out_features:
+                rows = output.numel() // module.out_features
+                add(linear, name, 2 * rows * module.in_features * module.out_features)
+
+        return hook
+
+    def conv_hook(name: str):
+        def hook(module: nn.Conv2d, args, output):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            add(linear, name, 2 * output.numel() * (module.in_channels // module.groups) * kernel)
+
+        return hook
+
+    def attention_hook(name: str):
+        def hook(module: nn.Linear, args, output):
+            hidden = args[0]
+            if hidden.dim() < 3 or hidden.numel() == 0:
+                return
+            tokens = hidden.shape[-2]
+            batch = hidden.numel() // (tokens * hidden.shape[-1])
+            add(attention, name, 4 * batch * tokens * tokens * module.out_features)
+
+        return hook
+
+    names = {id(module): name for name, module in model.named_modules()}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook(name)))
+        elif isinstance(module, nn.Conv2d):
+            handles.append(module.register_forward_hook(conv_hook(name)))
+    for query in _query_modules(model):
+        handles.append(query.register_forward_hook(attention_hook(names[id(query)])))
+    was_training = model.training
+    model.eval()
+    try:
+        model(**inputs)
+    except (IndexError, RuntimeError) as error:
+        raise ValueError(
+            f"The dummy forward pass for counting FLOPs failed ({type(error).__name__}: {error}). If seq_length="
+            f"{seq_length} exceeds what the model accepts (e.g. config.max_position_embeddings), pass a smaller "
+            "seq_length."
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {"linear": linear, "attention": attention}
+
+
 def count_flops(
     model: nn.Module,
     seq_length: int = 128,
@@ -111,7 +207,8 @@ def count_flops(
 
     Counts `nn.Linear` and `nn.Conv2d` products and, for supported transformers, the attention score and context
     products (`4 x B x T^2 x query width` per layer). Pruned layers count what they still compute: a layer whose heads
-    are all pruned costs no attention products, an `nn.Linear` with 0 rows or columns costs nothing.
+    are all pruned costs no attention products, an `nn.Linear` with 0 rows or columns costs nothing. The same items,
+    per module, come from [`module_flops`].
 
     Args:
         model (`nn.Module`):
@@ -137,52 +234,5 @@ def count_flops(
     True
     ```
     """
-    if inputs is None:
-        if seq_length < 1 or batch_size < 1:
-            raise ValueError(f"seq_length and batch_size must be positive; got {seq_length} and {batch_size}.")
-        inputs = dummy_inputs(model, seq_length=seq_length, batch_size=batch_size)
-    total = 0
-    handles = []
-
-    def linear_hook(module: nn.Linear, args, output):
-        nonlocal total
-        if module.in_features and module.out_features:
-            rows = output.numel() // module.out_features
-            total += 2 * rows * module.in_features * module.out_features
-
-    def conv_hook(module: nn.Conv2d, args, output):
-        nonlocal total
-        kernel = module.kernel_size[0] * module.kernel_size[1]
-        total += 2 * output.numel() * (module.in_channels // module.groups) * kernel
-
-    def attention_hook(module: nn.Linear, args, output):
-        nonlocal total
-        hidden = args[0]
-        if hidden.dim() < 3 or hidden.numel() == 0:
-            return
-        tokens = hidden.shape[-2]
-        batch = hidden.numel() // (tokens * hidden.shape[-1])
-        total += 4 * batch * tokens * tokens * module.out_features
-
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
-        elif isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(conv_hook))
-    for query in _query_modules(model):
-        handles.append(query.register_forward_hook(attention_hook))
-    was_training = model.training
-    model.eval()
-    try:
-        model(**inputs)
-    except (IndexError, RuntimeError) as error:
-        raise ValueError(
-            f"The dummy forward pass for counting FLOPs failed ({type(error).__name__}: {error}). If seq_length="
-            f"{seq_length} exceeds what the model accepts (e.g. config.max_position_embeddings), pass a smaller "
-            "seq_length."
-        ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return int(total)
+    items = module_flops(model, seq_length=seq_length, batch_size=batch_size, inputs=inputs)
+    return int(sum(items["linear"].values()) + sum(items["attention"].values()))
