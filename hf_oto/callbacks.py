@@ -43,7 +43,9 @@ def oto_sparsity_logs(zigs: ZIGSet, optimizer: Optional[Any] = None) -> dict[str
 
     Returns:
         `dict[str, float]`: `oto/group_sparsity` (fraction of zero groups), `oto/group_sparsity_<kind>` for
-        `heads` and `ffn` (only the kinds present), `oto/zero_groups` (count) and `oto/stage`.
+        `heads` and `ffn` (only the kinds present), `oto/zero_groups` (count) and `oto/stage`; with HSPG's target
+        mode also `oto/flops_kept` and `oto/params_kept` (fractions of the dense model's cost once the groups selected
+        so far are removed).
 
     Example:
 
@@ -74,6 +76,11 @@ def oto_sparsity_logs(zigs: ZIGSet, optimizer: Optional[Any] = None) -> dict[str
             logger.warning_once(f"Unknown HSPG stage {stage!r}; expected one of {list(STAGE_IDS)}. Not logged.")
         else:
             logs["oto/stage"] = STAGE_IDS[stage]
+    kept_fraction = getattr(unwrap_optimizer(optimizer), "kept_fraction", None)
+    kept = kept_fraction() if callable(kept_fraction) else None
+    if kept:  # target mode: the cost the model keeps once the groups selected so far are gone
+        logs["oto/flops_kept"] = kept["flops"]
+        logs["oto/params_kept"] = kept["params"]
     return logs
 
 

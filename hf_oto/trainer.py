@@ -202,12 +202,21 @@ class OTOTrainer(Trainer):
             betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon,
             weight_decay=self.args.weight_decay,
-            **self.args.hspg_kwargs(),
+            **self.args.hspg_kwargs(max_steps=max(int(max_steps), 0)),
         )
-        logger.info(
-            f"HSPG ({self.args.oto_variant}, lambda={self.args.oto_lambda}, epsilon={self.args.oto_epsilon}) over "
-            f"{len(self.zigs)} groups; initialization stage for {self.oto_init_steps} of {max_steps} steps."
-        )
+        if self.args.oto_mode == "target":
+            schedule = self.optimizer.schedule
+            logger.info(
+                f"HSPG target mode ({self.args.oto_variant}) over {len(self.zigs)} groups: {self.optimizer.target.describe()}"
+                f" at {self.args.oto_cost_seq_length} tokens; groups selected at steps {schedule.start} to "
+                f"{schedule.end - schedule.period} and exactly zero by step {schedule.end} of {max_steps}."
+            )
+        else:
+            logger.info(
+                f"HSPG paper mode ({self.args.oto_variant}, lambda={self.args.oto_lambda}, epsilon="
+                f"{self.args.oto_epsilon}) over {len(self.zigs)} groups; initialization stage for {self.oto_init_steps} "
+                f"of {max_steps} steps."
+            )
         return self.optimizer
 
     # ------------------------------------------------------------------------------------------------------------

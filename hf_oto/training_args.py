@@ -17,9 +17,12 @@ logger = logging.get_logger(__name__)
 
 OTO_FAMILIES = ("heads", "ffn", "channels")
 OTO_VARIANTS = ("adamw", "sgd")
-DEFAULT_INIT_FRACTION = 0.5
-"""Fraction of the training steps spent in the initialization stage when neither `oto_init_steps` nor
-`oto_init_fraction` is given."""
+OTO_MODES = ("target", "paper")
+DEFAULT_INIT_FRACTION = {"target": 0.2, "paper": 0.5}
+"""Per mode, the fraction of the training steps before the first zero group (the paper mode's initialization stage,
+the target mode's first selection) when neither `oto_init_steps` nor `oto_init_fraction` is given."""
+DEFAULT_LAMBDA = 1e-3
+"""The paper mode's group-lasso weight when `oto_lambda` is not given."""
 
 
 @dataclass
@@ -31,24 +34,47 @@ class OTOArguments:
     `HfArgumentParser` and builds HSPG with [`OTOArguments.hspg_kwargs`].
 
     Parameters:
-        oto_lambda (`float`, *optional*, defaults to `1e-3`):
-            Weight λ > 0 of the group-lasso term; a larger λ gives more zero groups and a larger bias.
+        oto_mode (`str`, *optional*, defaults to `"target"`):
+            `"target"`: prune to a stated FLOPs/parameter target, choosing the groups by their loss saliency per unit
+            of cost and ramping each selected group to exactly zero (see [`~hf_oto.optim.HSPG`]). `"paper"`: the
+            paper's HSPG (group-lasso weight `oto_lambda`, half-space projection, optional sparsity bounds).
+        oto_target_flops (`float`, *optional*):
+            Target mode: fraction in (0, 1] of the dense model's FLOPs (at `oto_cost_seq_length` tokens) to keep.
+            When neither this nor `oto_target_params` is given: `0.5`.
+        oto_target_params (`float`, *optional*):
+            Target mode: fraction in (0, 1] of the dense model's parameters to keep.
+        oto_max_kind_sparsity (`str`, *optional*):
+            Target mode: per-kind caps on the fraction of groups removed, `kind=fraction` comma-separated, e.g.
+            `"heads=0.75"`.
+        oto_min_kept_per_family (`int`, *optional*, defaults to 1):
+            Target mode: groups each family (a layer's heads, FFN rows or channels) keeps at least; 0 lets a layer be
+            emptied.
+        oto_pruning_fraction (`float`, *optional*, defaults to `0.3`):
+            Target mode: length of the pruning window (selections and ramps), as a fraction of the training steps,
+            starting after the first `oto_init_fraction` of them. The rest of the run trains the slim architecture.
+        oto_pruning_periods (`int`, *optional*, defaults to 4):
+            Target mode: number of selections (re-scorings) in the pruning window.
+        oto_cost_seq_length (`int`, *optional*, defaults to 128):
+            Target mode: the sequence length at which FLOPs are counted for the target (and the report).
+        oto_lambda (`float`, *optional*):
+            Paper mode: weight λ > 0 of the group-lasso term (default `1e-3`); a larger λ gives more zero groups and a
+            larger bias. Refused in the target mode, which has no uniform penalty.
         oto_epsilon (`float`, *optional*, defaults to `0.0`):
-            Aggressiveness ε ∈ [0, 1) of the half-space projection; the paper keeps it at 0.
+            Paper mode: aggressiveness ε ∈ [0, 1) of the half-space projection; the paper keeps it at 0.
         oto_init_steps (`int`, *optional*):
-            Number of optimizer steps of the initialization stage (plain (sub)gradient steps) before the half-space
-            stage starts. When given, it wins over `oto_init_fraction`.
+            Number of optimizer steps before any group may be zeroed: the paper mode's initialization stage (plain
+            (sub)gradient steps), the target mode's first selection. When given, it wins over `oto_init_fraction`.
         oto_init_fraction (`float`, *optional*):
-            Length of the initialization stage as a fraction in [0, 1] of the total number of optimizer steps (known
-            once training starts; rounded down). Used only when `oto_init_steps` is not given; when neither is given
-            the fraction is `0.5`.
+            The same as a fraction in [0, 1] of the total number of optimizer steps (known once training starts;
+            rounded down). Used only when `oto_init_steps` is not given; when neither is given the fraction is `0.2`
+            in the target mode and `0.5` in the paper mode.
         oto_variant (`str`, *optional*, defaults to `"adamw"`):
             Base direction of HSPG: `"adamw"` (uses `adam_beta1`, `adam_beta2`, `adam_epsilon`) or `"sgd"` (uses
             `oto_momentum`).
         oto_momentum (`float`, *optional*, defaults to `0.9`):
             Momentum in [0, 1) of the `"sgd"` variant.
         oto_max_group_sparsity (`float`, *optional*):
-            Upper bound in (0, 1] on the fraction of groups HSPG may zero; no bound when not given.
+            Paper mode: upper bound in (0, 1] on the fraction of groups HSPG may zero; no bound when not given.
         oto_channel_penalty (`str`, *optional*, defaults to `"conv_and_norm"`):
             For `"channels"` groups: `"conv_and_norm"` (the paper) or `"norm"` (only the batch-norm weight and bias
             where a norm reads a convolution directly; see [`~hf_oto.build_zigs`]).
@@ -68,15 +94,57 @@ class OTOArguments:
     >>> from transformers import HfArgumentParser
     >>> from hf_oto.training_args import OTOArguments
 
-    >>> (oto_args,) = HfArgumentParser(OTOArguments).parse_args_into_dataclasses(["--oto_lambda", "0.01"])
-    >>> oto_args.hspg_kwargs()["lmbda"], oto_args.resolve_oto_init_steps(max_steps=100)
-    (0.01, 50)
+    >>> (oto_args,) = HfArgumentParser(OTOArguments).parse_args_into_dataclasses(["--oto_target_flops", "0.4"])
+    >>> oto_args.hspg_kwargs(max_steps=100)["target"].flops, oto_args.resolve_oto_init_steps(max_steps=100)
+    (0.4, 20)
     ```
     """
 
-    oto_lambda: float = field(
-        default=1e-3,
-        metadata={"help": "Weight lambda > 0 of the group-lasso term of OTO; larger gives more zero groups."},
+    oto_mode: str = field(
+        default="target",
+        metadata={
+            "help": "target: prune to --oto_target_flops/--oto_target_params, choosing groups by loss saliency per "
+            "unit of cost; paper: the paper's HSPG with --oto_lambda.",
+            "choices": list(OTO_MODES),
+        },
+    )
+    oto_target_flops: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Target mode: fraction in (0, 1] of the dense model's FLOPs to keep (default 0.5 when no target "
+            "is given)."
+        },
+    )
+    oto_target_params: Optional[float] = field(
+        default=None,
+        metadata={"help": "Target mode: fraction in (0, 1] of the dense model's parameters to keep."},
+    )
+    oto_max_kind_sparsity: Optional[str] = field(
+        default=None,
+        metadata={"help": "Target mode: caps per kind of group, e.g. 'heads=0.75' (at most 75%% of heads removed)."},
+    )
+    oto_min_kept_per_family: int = field(
+        default=1,
+        metadata={"help": "Target mode: groups every layer's family keeps at least (0 allows emptying a layer)."},
+    )
+    oto_pruning_fraction: float = field(
+        default=0.3,
+        metadata={"help": "Target mode: length of the pruning window as a fraction of the training steps."},
+    )
+    oto_pruning_periods: int = field(
+        default=4,
+        metadata={"help": "Target mode: number of selections (re-scorings) in the pruning window."},
+    )
+    oto_cost_seq_length: int = field(
+        default=128,
+        metadata={"help": "Target mode: sequence length at which FLOPs are counted for the target."},
+    )
+    oto_lambda: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": f"Paper mode: weight lambda > 0 of the group-lasso term (default {DEFAULT_LAMBDA}); larger gives "
+            "more zero groups."
+        },
     )
     oto_epsilon: float = field(
         default=0.0,
@@ -139,7 +207,46 @@ class OTOArguments:
         self._validate_oto_arguments()
 
     def _validate_oto_arguments(self) -> None:
-        if not (isinstance(self.oto_lambda, (int, float)) and math.isfinite(self.oto_lambda) and self.oto_lambda > 0):
+        if self.oto_mode not in OTO_MODES:
+            raise ValueError(f"oto_mode must be one of {list(OTO_MODES)}; got {self.oto_mode!r}.")
+        if self.oto_mode == "target":
+            paper_only = {
+                "oto_lambda": self.oto_lambda,
+                "oto_max_group_sparsity": self.oto_max_group_sparsity,
+            }
+            given = [name for name, value in paper_only.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} belong(s) to the paper mode (uniform group-lasso penalty, bound on the number "
+                    "of zero groups), but oto_mode is 'target', which prunes to a cost target: state it with "
+                    "oto_target_flops / oto_target_params, or pass oto_mode='paper' (`--oto_mode paper`) to run the "
+                    "paper's HSPG."
+                )
+            # Builds (and so validates) the target now rather than when training starts.
+            self.oto_pruning_target()
+            for name in ("oto_pruning_periods", "oto_cost_seq_length"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
+            if not (isinstance(self.oto_pruning_fraction, (int, float)) and 0.0 < self.oto_pruning_fraction <= 1.0):
+                raise ValueError(f"oto_pruning_fraction must be in (0, 1]; got {self.oto_pruning_fraction!r}.")
+        else:
+            target_only = {
+                "oto_target_flops": self.oto_target_flops,
+                "oto_target_params": self.oto_target_params,
+                "oto_max_kind_sparsity": self.oto_max_kind_sparsity,
+            }
+            given = [name for name, value in target_only.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} belong(s) to the target mode; oto_mode is 'paper'. Drop them, or pass "
+                    "oto_mode='target'."
+                )
+            if self.oto_lambda is None:
+                self.oto_lambda = DEFAULT_LAMBDA
+        if self.oto_lambda is not None and not (
+            isinstance(self.oto_lambda, (int, float)) and math.isfinite(self.oto_lambda) and self.oto_lambda > 0
+        ):
             raise ValueError(f"oto_lambda must be a finite number > 0; got {self.oto_lambda!r}.")
         if not (isinstance(self.oto_epsilon, (int, float)) and 0.0 <= self.oto_epsilon < 1.0):
             raise ValueError(f"oto_epsilon must be in [0, 1); got {self.oto_epsilon!r}.")
@@ -198,11 +305,39 @@ class OTOArguments:
         if bad:
             raise ValueError(f"oto_exclude must hold non-empty fnmatch patterns (strings); got {bad!r}.")
 
+    def oto_pruning_target(self):
+        """Target mode: the [`~hf_oto.optim.PruningTarget`] these knobs state (`None` in the paper mode)."""
+        from .optim.target import PruningTarget, parse_kind_caps
+
+        if self.oto_mode != "target":
+            return None
+        return PruningTarget(
+            flops=self.oto_target_flops,
+            params=self.oto_target_params,
+            max_kind_sparsity=parse_kind_caps(self.oto_max_kind_sparsity),
+            min_kept_per_family=self.oto_min_kept_per_family,
+        )
+
+    def resolve_oto_pruning_schedule(self, max_steps: int) -> dict:
+        """Target mode: `{"pruning_steps", "pruning_periods"}` of a run of `max_steps` optimizer steps (fewer periods
+        when the window is shorter than `oto_pruning_periods` steps); `{}` in the paper mode."""
+        if self.oto_mode != "target":
+            return {}
+        init_steps = self.resolve_oto_init_steps(max_steps)
+        steps = max(1, int(math.floor(self.oto_pruning_fraction * max_steps)))
+        if max_steps > 0 and init_steps + steps > max_steps:
+            logger.warning(
+                f"The pruning window (steps {init_steps} to {init_steps + steps}) runs past the {max_steps} training "
+                "steps: the last groups selected will not reach zero in training and stay in the model. Lower "
+                "oto_init_fraction / oto_pruning_fraction."
+            )
+        return {"pruning_steps": steps, "pruning_periods": min(self.oto_pruning_periods, steps)}
+
     def resolve_oto_init_steps(self, max_steps: int) -> int:
         """Number of initialization-stage steps of a run of `max_steps` optimizer steps.
 
         `oto_init_steps` wins when set; otherwise `floor(oto_init_fraction * max_steps)`, with the fraction
-        defaulting to `0.5`.
+        defaulting to `0.2` in the target mode and `0.5` in the paper mode.
 
         Args:
             max_steps (`int`): Total number of optimizer steps of the run.
@@ -217,7 +352,7 @@ class OTOArguments:
                     "never starts and no group will be zeroed by projection."
                 )
             return self.oto_init_steps
-        fraction = DEFAULT_INIT_FRACTION if self.oto_init_fraction is None else self.oto_init_fraction
+        fraction = DEFAULT_INIT_FRACTION[self.oto_mode] if self.oto_init_fraction is None else self.oto_init_fraction
         return int(math.floor(fraction * max_steps))
 
     def zig_kwargs(self) -> dict:
@@ -228,11 +363,25 @@ class OTOArguments:
             "channel_penalty": self.oto_channel_penalty,
         }
 
-    def hspg_kwargs(self) -> dict:
-        """The keyword arguments of [`HSPG`] these knobs set: `lmbda`, `epsilon`, `variant`, `momentum`,
-        `max_group_sparsity` and `max_family_sparsity` (the learning rate, `init_steps` and the Adam settings come from
-        the training loop)."""
+    def hspg_kwargs(self, max_steps: int | None = None) -> dict:
+        """The keyword arguments of [`HSPG`] these knobs set: `mode`, `lmbda`, `epsilon`, `variant`, `momentum`,
+        `max_group_sparsity` and `max_family_sparsity`, and in the target mode `target`, `cost_seq_length` and, given
+        the run's `max_steps`, `pruning_steps` and `pruning_periods` (the learning rate, `init_steps` and the Adam
+        settings come from the training loop)."""
+        if self.oto_mode == "target":
+            if max_steps is None:
+                raise ValueError("The target mode's schedule needs the run's length: call hspg_kwargs(max_steps=...).")
+            return {
+                "mode": "target",
+                "target": self.oto_pruning_target(),
+                "cost_seq_length": self.oto_cost_seq_length,
+                **self.resolve_oto_pruning_schedule(max_steps),
+                "variant": self.oto_variant,
+                "momentum": self.oto_momentum,
+                "max_family_sparsity": self.oto_max_family_sparsity,
+            }
         return {
+            "mode": "paper",
             "lmbda": self.oto_lambda,
             "epsilon": self.oto_epsilon,
             "variant": self.oto_variant,
@@ -243,7 +392,26 @@ class OTOArguments:
 
     def oto_hyperparameters(self) -> dict:
         """The OTO knobs as a JSON-ready dict (for model cards and logs)."""
+        if self.oto_mode == "target":
+            return {
+                "oto_mode": self.oto_mode,
+                "oto_target_flops": self.oto_pruning_target().flops,
+                "oto_target_params": self.oto_target_params,
+                "oto_max_kind_sparsity": self.oto_max_kind_sparsity,
+                "oto_min_kept_per_family": self.oto_min_kept_per_family,
+                "oto_pruning_fraction": self.oto_pruning_fraction,
+                "oto_pruning_periods": self.oto_pruning_periods,
+                "oto_cost_seq_length": self.oto_cost_seq_length,
+                "oto_init_steps": self.oto_init_steps,
+                "oto_init_fraction": self.oto_init_fraction,
+                "oto_variant": self.oto_variant,
+                "oto_max_family_sparsity": self.oto_max_family_sparsity,
+                "oto_families": list(self.oto_families) if self.oto_families is not None else None,
+                "oto_channel_penalty": self.oto_channel_penalty,
+                "oto_exclude": list(self.oto_exclude),
+            }
         return {
+            "oto_mode": self.oto_mode,
             "oto_lambda": self.oto_lambda,
             "oto_epsilon": self.oto_epsilon,
             "oto_init_steps": self.oto_init_steps,
@@ -276,10 +444,10 @@ class OTOTrainingArguments(OTOArguments, TrainingArguments):
 
     >>> parser = HfArgumentParser(OTOTrainingArguments)
     >>> (args,) = parser.parse_args_into_dataclasses(
-    ...     ["--output_dir", "out", "--oto_lambda", "0.01", "--oto_init_fraction", "0.25", "--oto_families", "heads"]
+    ...     ["--output_dir", "out", "--oto_target_flops", "0.4", "--oto_init_fraction", "0.25", "--oto_families", "heads"]
     ... )
-    >>> args.oto_lambda, args.oto_families
-    (0.01, ['heads'])
+    >>> args.oto_mode, args.oto_target_flops, args.oto_families
+    ('target', 0.4, ['heads'])
     >>> args.resolve_oto_init_steps(max_steps=1000)
     250
     ```

@@ -363,7 +363,7 @@ def run(
         betas=(loop_args.adam_beta1, loop_args.adam_beta2),
         eps=loop_args.adam_epsilon,
         weight_decay=loop_args.weight_decay,
-        **oto_args.hspg_kwargs(),
+        **oto_args.hspg_kwargs(max_steps=max_steps),
     )
     # Accelerate steps a prepared scheduler once per process at each optimizer step (it assumes the per-process
     # batch is a slice of a larger one): the schedule is laid out in those units.

@@ -123,7 +123,7 @@ def test_no_trainer_script_under_accelerate_launch(tmp_path, fresh_accelerate_st
             "--model_name_or_path", str(model_dir), "--train_file", str(train), "--label_column_name", "sentiment",
             "--output_dir", str(output_dir), "--max_seq_length", "16", "--per_device_train_batch_size",
             str(batch_size), "--max_steps", "10", "--learning_rate", "1e-2", "--warmup_steps", "2",
-            "--oto_lambda", "10", "--oto_init_steps", "4", "--checkpointing_steps", "5", "--use_cpu",
+            "--oto_mode", "paper", "--oto_lambda", "10", "--oto_init_steps", "4", "--checkpointing_steps", "5", "--use_cpu",
             "--pad_to_max_length",
         ]  # fmt: skip
 

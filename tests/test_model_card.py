@@ -29,7 +29,7 @@ def test_card_has_metadata_sizes_layout_plot_and_loading_lines(tmp_path):
         datasets=["squad"],
         license="apache-2.0",
         auto_class="AutoModelForCausalLM",
-        hyperparameters={"oto_lambda": 0.01, "oto_variant": "adamw"},
+        hyperparameters={"oto_mode": "paper", "oto_lambda": 0.01, "oto_variant": "adamw"},
         metrics={"exact_match": 71.25},
         has_onnx=True,
         training_data="Six questions about rivers.",

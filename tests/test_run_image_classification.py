@@ -71,7 +71,7 @@ def test_script_trains_prunes_and_saves_a_reloadable_slim_convnet(tmp_path):
         *script.parse_arguments(
             [
                 "--model_name_or_path", str(model_dir), "--idx_dir", str(data), "--output_dir", str(output),
-                "--do_train", "--do_eval", "--oto_variant", "adamw", "--oto_lambda", "50", "--oto_init_steps", "2",
+                "--do_train", "--do_eval", "--oto_variant", "adamw", "--oto_mode", "paper", "--oto_lambda", "50", "--oto_init_steps", "2",
                 "--oto_max_group_sparsity", "0.5", *COMMON_ARGS,
             ]
         )

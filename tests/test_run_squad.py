@@ -40,7 +40,7 @@ def test_run_squad_oto_end_to_end(tmp_path):
             "--max_seq_length", "32", "--doc_stride", "8",
             "--per_device_train_batch_size", "4",
             "--max_steps", "12", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-            "--oto_lambda", "10", "--oto_init_steps", "4",
+            "--oto_mode", "paper", "--oto_lambda", "10", "--oto_init_steps", "4",
             "--report_to", "none", "--save_strategy", "no", "--use_cpu",
         ]
     )  # fmt: skip
@@ -126,7 +126,7 @@ def test_run_squad_oto_exports_onnx_and_measures_speedup(tmp_path):
             "--output_dir", str(output_dir), "--do_train", "--do_eval",
             "--max_seq_length", "32", "--doc_stride", "8", "--per_device_train_batch_size", "4",
             "--max_steps", "12", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-            "--oto_lambda", "10", "--oto_init_steps", "4",
+            "--oto_mode", "paper", "--oto_lambda", "10", "--oto_init_steps", "4",
             "--export_onnx", "--benchmark_speedup", "--benchmark_repeats", "3",
             "--report_to", "none", "--save_strategy", "no", "--use_cpu",
         ]

@@ -21,7 +21,7 @@ NEGATIVE = ["awful", "boring", "bad", "terrible", "dull"]
 COMMON_ARGS = [
     "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
     "--max_steps", "12", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
-    "--oto_lambda", "10", "--oto_init_steps", "4",
+    "--oto_mode", "paper", "--oto_lambda", "10", "--oto_init_steps", "4",
     "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true",
 ]  # fmt: skip
 

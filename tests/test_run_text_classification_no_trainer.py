@@ -51,7 +51,7 @@ def arguments(job: dict, output_dir: Path, *extra: str) -> list[str]:
     return [
         "--model_name_or_path", str(job["model"]), "--train_file", str(job["train"]),
         "--label_column_name", "sentiment", "--output_dir", str(output_dir), "--max_seq_length", "16",
-        "--learning_rate", "1e-2", "--oto_lambda", "10", "--logging_steps", "2", *extra,
+        "--learning_rate", "1e-2", "--oto_mode", "paper", "--oto_lambda", "10", "--logging_steps", "2", *extra,
     ]  # fmt: skip
 
 
@@ -212,9 +212,9 @@ def test_output_dir_of_another_run_is_refused(tmp_path, job):
         (("--gradient_accumulation_steps", "0"), "--gradient_accumulation_steps must be a positive integer"),
         (("--learning_rate", "-1"), "--learning_rate must be >= 0"),
         (("--checkpointing_steps", "0"), "--checkpointing_steps must be a positive integer"),
-        (("--oto_lambda", "-0.5"), "oto_lambda must be a finite number > 0"),
+        (("--oto_mode", "paper", "--oto_lambda", "-0.5"), "oto_lambda must be a finite number > 0"),
         (("--oto_epsilon", "1.0"), r"oto_epsilon must be in \[0, 1\)"),
-        (("--oto_max_group_sparsity", "0"), r"oto_max_group_sparsity must be in \(0, 1\]"),
+        (("--oto_mode", "paper", "--oto_max_group_sparsity", "0"), r"oto_max_group_sparsity must be in \(0, 1\]"),
     ],
 )
 def test_bad_arguments_are_refused_when_parsed(tmp_path, job, flags, message):

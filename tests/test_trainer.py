@@ -46,6 +46,7 @@ def oto_args(output_dir, **overrides) -> OTOTrainingArguments:
         warmup_steps=2,
         logging_steps=1,
         seed=0,
+        oto_mode="paper",
         oto_lambda=1.0,
         oto_init_steps=6,
     )
@@ -59,16 +60,16 @@ def oto_args(output_dir, **overrides) -> OTOTrainingArguments:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"oto_lambda": 0.0}, "oto_lambda must be a finite number > 0; got 0.0"),
-        ({"oto_lambda": -1.0}, "got -1.0"),
+        ({"oto_mode": "paper", "oto_lambda": 0.0}, "oto_lambda must be a finite number > 0; got 0.0"),
+        ({"oto_mode": "paper", "oto_lambda": -1.0}, "got -1.0"),
         ({"oto_epsilon": 1.0}, r"oto_epsilon must be in \[0, 1\); got 1.0"),
         ({"oto_epsilon": -0.1}, "got -0.1"),
         ({"oto_init_steps": -1}, "oto_init_steps must be an integer >= 0"),
         ({"oto_init_fraction": 1.5}, r"oto_init_fraction must be in \[0, 1\]"),
         ({"oto_variant": "adam"}, r"oto_variant must be one of \['adamw', 'sgd'\]; got 'adam'"),
         ({"oto_momentum": 1.0}, r"oto_momentum must be in \[0, 1\)"),
-        ({"oto_max_group_sparsity": 0.0}, r"oto_max_group_sparsity must be in \(0, 1\]"),
-        ({"oto_max_group_sparsity": 1.2}, "got 1.2"),
+        ({"oto_mode": "paper", "oto_max_group_sparsity": 0.0}, r"oto_max_group_sparsity must be in \(0, 1\]"),
+        ({"oto_mode": "paper", "oto_max_group_sparsity": 1.2}, "got 1.2"),
         (
             {"oto_families": ["heads", "wings"]},
             r"drawn from \['heads', 'ffn', 'channels'\] .*; got \['heads', 'wings'\]",
@@ -84,7 +85,8 @@ def test_arguments_reject_bad_values(tmp_path, overrides, message):
 
 def test_init_steps_win_over_fraction(tmp_path):
     base = dict(output_dir=str(tmp_path), report_to="none")
-    assert OTOTrainingArguments(**base).resolve_oto_init_steps(100) == 50
+    assert OTOTrainingArguments(**base).resolve_oto_init_steps(100) == 20  # target mode
+    assert OTOTrainingArguments(**base, oto_mode="paper").resolve_oto_init_steps(100) == 50
     assert OTOTrainingArguments(**base, oto_init_fraction=0.25).resolve_oto_init_steps(10) == 2
     assert OTOTrainingArguments(**base, oto_init_steps=7, oto_init_fraction=0.9).resolve_oto_init_steps(100) == 7
     assert OTOTrainingArguments(**base, oto_init_steps=0).resolve_oto_init_steps(100) == 0
@@ -95,7 +97,7 @@ def test_arguments_parse_from_command_line_and_json_round_trip(tmp_path):
     (args,) = parser.parse_args_into_dataclasses(
         [
             "--output_dir", str(tmp_path), "--report_to", "none",
-            "--oto_lambda", "0.05", "--oto_epsilon", "0.1", "--oto_init_fraction", "0.3",
+            "--oto_mode", "paper", "--oto_lambda", "0.05", "--oto_epsilon", "0.1", "--oto_init_fraction", "0.3",
             "--oto_variant", "sgd", "--oto_momentum", "0.5", "--oto_max_group_sparsity", "0.8",
             "--oto_families", "heads", "--oto_exclude", "*.layer.0.*", "*.layer.2.*",
         ]
@@ -125,7 +127,7 @@ def test_arguments_parse_from_command_line_and_json_round_trip(tmp_path):
 
 def test_bad_lambda_fails_before_trainer(tmp_path):
     with pytest.raises(ValueError, match="oto_lambda"):
-        OTOTrainer(tiny_model("bert"), oto_args(tmp_path, oto_lambda=float("nan")))
+        OTOTrainer(tiny_model("bert"), oto_args(tmp_path, oto_mode="paper", oto_lambda=float("nan")))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,6 +171,7 @@ def trained(tmp_path_factory):
             gradient_accumulation_steps=2,
             max_grad_norm=1.0,
             weight_decay=0.01,
+            oto_mode="paper",
             oto_lambda=20.0,
             oto_max_group_sparsity=0.5,
         ),
@@ -241,7 +244,13 @@ def test_resume_from_checkpoint_gives_identical_weights(tmp_path):
     # Checkpoint at step 4, inside the initialization stage (6 of 12 steps from the fraction), so the resumed run
     # must restore both the step count and the moments of HSPG to switch stage at the same step.
     overrides = dict(
-        max_steps=12, save_strategy="steps", save_steps=4, oto_lambda=3.0, oto_init_steps=None, oto_init_fraction=0.5
+        max_steps=12,
+        save_strategy="steps",
+        save_steps=4,
+        oto_mode="paper",
+        oto_lambda=3.0,
+        oto_init_steps=None,
+        oto_init_fraction=0.5,
     )
     full = OTOTrainer(tiny_model("bert"), oto_args(tmp_path / "full", **overrides), train_dataset=data)
     full.train()

@@ -1,6 +1,7 @@
 """Optimizers over zero-invariant groups."""
 
 from .hspg import HSPG
+from .target import PruningTarget
 
 
-__all__ = ["HSPG"]
+__all__ = ["HSPG", "PruningTarget"]

@@ -22,7 +22,9 @@ import torch
 from torch.optim import Optimizer
 from transformers.utils import logging
 
+from ..costs import GroupCosts
 from ..zig.groups import ZIGSet
+from .target import MODES, PruningTarget, Schedule, TargetSelection
 
 
 logger = logging.get_logger(__name__)
@@ -125,7 +127,14 @@ class HSPG(Optimizer):
     `g`-th slice of every penalised member of a family (dependents are not penalised and, like every parameter
     outside the ZIGs, receive the plain base step).
 
-    **Stages.** While `step_count < init_steps` HSPG takes subgradient steps (`d = base + lmbda * x_g / ||x_g||`,
+    **Modes.** `mode="paper"` (the default) is the method of the paper, described below. `mode="target"` keeps the
+    zero-invariant groups, the one training run and the exact zeros of the projection, but chooses the groups by the
+    loss and by their cost, to a FLOPs or parameter `target` ([`PruningTarget`]): from `init_steps` on, at
+    `pruning_periods` evenly spaced steps over `pruning_steps` steps, the groups with the smallest accumulated Taylor
+    saliency per unit of FLOPs are selected and each is shrunk to exactly zero over one period, whatever its size;
+    the other groups get no penalty (`lmbda` is not used) and train on. See `hf_oto.optim.target` for the details.
+
+    **Stages** (paper mode). While `step_count < init_steps` HSPG takes subgradient steps (`d = base + lmbda * x_g / ||x_g||`,
     the subgradient of a zero group taken as 0); it never sets a group to zero by itself. From then on every step is
     a half-space step: with the trial point `x~ = x - lr * d`, each non-zero group with
     `x~_g^T x_g < epsilon * ||x_g||^2` (the sums run over all members of the family, each with the `lr` of its own
@@ -208,6 +217,21 @@ class HSPG(Optimizer):
         skip_nonfinite (`bool`, *optional*, defaults to `True`):
             Skip (with a warning) every step whose gradients hold an `inf` or a `NaN`, instead of letting them into the
             parameters, moments and group norms. Optimizer-wide.
+        mode (`str`, *optional*, defaults to `"paper"`):
+            `"paper"` (group-lasso subgradient + half-space projection, as in the paper) or `"target"` (loss- and
+            cost-aware selection to `target`; needs `pruning_steps`).
+        target ([`PruningTarget`], *optional*):
+            Target mode: what to prune to (FLOPs and/or parameter fraction, per-kind caps, per-family floor). Defaults
+            to `PruningTarget()`, i.e. 50% of the FLOPs.
+        pruning_steps (`int`, *optional*):
+            Target mode: length in steps of the pruning window that starts at `init_steps`; every selected group is
+            exactly zero at `init_steps + pruning_steps` (rounded down to whole periods).
+        pruning_periods (`int`, *optional*, defaults to 4):
+            Target mode: number of selections in the pruning window (each group ramps to zero over one period).
+        group_costs ([`~hf_oto.costs.GroupCosts`], *optional*):
+            Target mode: the costs of the groups; measured on `zigs.model` at `cost_seq_length` tokens when not given.
+        cost_seq_length (`int`, *optional*, defaults to 128):
+            Target mode: the sequence length at which FLOPs are counted (the pruning report's default).
 
     Example:
 
@@ -246,6 +270,12 @@ class HSPG(Optimizer):
         max_group_sparsity: float | None = None,
         skip_nonfinite: bool = True,
         max_family_sparsity: float | None = None,
+        mode: str = "paper",
+        target: PruningTarget | None = None,
+        pruning_steps: int | None = None,
+        pruning_periods: int = 4,
+        group_costs: GroupCosts | None = None,
+        cost_seq_length: int = 128,
     ):
         if not isinstance(zigs, ZIGSet):
             raise ValueError(
@@ -253,6 +283,8 @@ class HSPG(Optimizer):
             )
         if variant not in VARIANTS:
             raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
+        if mode not in MODES:
+            raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
         if not isinstance(init_steps, int) or isinstance(init_steps, bool) or init_steps < 0:
             raise ValueError(
                 f"init_steps must be a non-negative integer (number of step() calls); got {init_steps!r}."
@@ -294,6 +326,55 @@ class HSPG(Optimizer):
                     )
         self.zigs = zigs
         self._assign_zig_membership(zigs)
+        self.mode = mode
+        self.target: PruningTarget | None = None
+        self._selection: TargetSelection | None = None
+        if mode == "target":
+            self._set_up_target_mode(target, pruning_steps, pruning_periods, group_costs, cost_seq_length)
+        elif target is not None or pruning_steps is not None or group_costs is not None:
+            raise ValueError(
+                '`target`, `pruning_steps` and `group_costs` belong to the target mode; pass `mode="target"` to use '
+                "them (the paper mode prunes through `lmbda` and the sparsity bounds)."
+            )
+
+    def _set_up_target_mode(
+        self,
+        target: PruningTarget | None,
+        pruning_steps: int | None,
+        pruning_periods: int,
+        group_costs: GroupCosts | None,
+        cost_seq_length: int,
+    ) -> None:
+        if self.param_groups[0]["max_group_sparsity"] is not None:
+            raise ValueError(
+                "max_group_sparsity counts groups, not cost, and belongs to the paper mode; in the target mode state "
+                "what to keep with `target=PruningTarget(flops=..., params=...)`."
+            )
+        if target is None:
+            target = PruningTarget()
+        if not isinstance(target, PruningTarget):
+            raise ValueError(f"`target` must be a PruningTarget; got {type(target).__name__}.")
+        if isinstance(pruning_periods, bool) or not isinstance(pruning_periods, int) or pruning_periods < 1:
+            raise ValueError(f"pruning_periods must be an integer >= 1; got {pruning_periods!r}.")
+        if (
+            pruning_steps is None
+            or isinstance(pruning_steps, bool)
+            or not isinstance(pruning_steps, int)
+            or pruning_steps < pruning_periods
+        ):
+            raise ValueError(
+                f"The target mode needs `pruning_steps`, an integer >= pruning_periods ({pruning_periods}): the number "
+                f"of steps, from init_steps on, over which groups are selected and ramped to zero; got {pruning_steps!r}."
+            )
+        if group_costs is None:
+            group_costs = GroupCosts.measure(self.zigs, seq_length=cost_seq_length)
+        schedule = Schedule(start=self.init_steps, period=pruning_steps // pruning_periods, periods=pruning_periods)
+        self.target = target
+        self._selection = TargetSelection(self, self.zigs, target, schedule, group_costs)
+        logger.info(
+            f"HSPG target mode: {target.describe()}; {pruning_periods} selections every {schedule.period} steps from "
+            f"step {schedule.start}, every selected group exactly zero by step {schedule.end}."
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # Construction helpers
@@ -384,6 +465,20 @@ class HSPG(Optimizer):
         """Fraction of the ZIGSet's groups that are exactly zero now."""
         return self.zigs.group_sparsity()
 
+    @property
+    def schedule(self) -> Schedule | None:
+        """Target mode: when groups are scored, selected and ramped; `None` in the paper mode."""
+        return self._selection.schedule if self._selection is not None else None
+
+    @torch.no_grad()
+    def kept_fraction(self) -> dict[str, float] | None:
+        """Target mode: `{"flops": ..., "params": ...}`, the fractions of the dense model's cost kept once the groups
+        selected so far are removed; `None` in the paper mode."""
+        if self._selection is None:
+            return None
+        norms = {index: norm.square() for index, norm in enumerate(self.zigs.family_norms())}
+        return self._selection.kept_fraction(norms)
+
     # ------------------------------------------------------------------------------------------------------------
     # The step
     # ------------------------------------------------------------------------------------------------------------
@@ -418,6 +513,7 @@ class HSPG(Optimizer):
 
         # Phase 0: group norms at x_k, batched per parameter and accumulated per family.
         members: list[_Member] = []
+        all_members: list[_Member] = []
         family_squared: dict[int, torch.Tensor] = {}
         family_size: dict[int, int] = {}
         for group in self.param_groups:
@@ -430,8 +526,15 @@ class HSPG(Optimizer):
                 squared = _row_squared_norm(param.detach(), dim, num_groups)
                 family_squared[family] = squared if family not in family_squared else family_squared[family] + squared
                 family_size[family] = num_groups
+                record = _Member(param, family, dim, num_groups, group, squared)
+                all_members.append(record)
                 if family in active:
-                    members.append(_Member(param, family, dim, num_groups, group, squared))
+                    members.append(record)
+        if self._selection is not None:
+            self._target_step(count, members, all_members, family_squared, family_size)
+            for group in self.param_groups:
+                group["step_count"] = count + 1
+            return loss
         if self._bound_reached(family_squared, family_size):
             # No further group may be zeroed: the penalty could only shrink the kept groups, so it is switched off
             # and the kept groups train on f alone (zero groups still stay zero).
@@ -474,6 +577,41 @@ class HSPG(Optimizer):
         for group in self.param_groups:
             group["step_count"] = count + 1
         return loss
+
+    def _target_step(
+        self,
+        count: int,
+        members: list[_Member],
+        all_members: list[_Member],
+        family_squared: dict[int, torch.Tensor],
+        family_size: dict[int, int],
+    ) -> None:
+        """One step of the target mode: select (on schedule), score, base step without penalty, ramp, project."""
+        selection = self._selection
+        schedule = selection.schedule
+        index = schedule.selection_index(count)
+        if index is not None:
+            selection.select(count, index, family_squared)
+        if schedule.scoring(count):
+            selection.accumulate_saliency()
+        # Zero groups stay zero: their rows of the direction and of the optimizer state are masked.
+        if members:
+            families = sorted({member.family for member in members})
+            any_zero = torch.stack([(family_squared[f] == 0).any() for f in families]).tolist()
+            live = {f: family_squared[f] > 0 for f, flag in zip(families, any_zero) if flag}
+            for member in members:
+                if member.family in live:
+                    member.live = live[member.family].to(member.param.dtype)
+        inverse_norm = {family: torch.zeros_like(squared) for family, squared in family_squared.items()}
+        by_param = {id(member.param): member for member in members}
+        for group in self.param_groups:
+            if group["variant"] == "adamw":
+                self._adamw_step(group, by_param, inverse_norm, half_space=False)
+            else:
+                self._sgd_step(group, by_param, inverse_norm, half_space=False)
+        drop = selection.ramp(count)
+        if drop:
+            self._zero_dropped(all_members, drop, family_size)
 
     def _skip_nonfinite(self, count: int) -> bool:
         """Whether a gradient holds an `inf` or a `NaN` (one read of the gradients, one host sync); if so, counts the
@@ -556,7 +694,7 @@ class HSPG(Optimizer):
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for param in params:
             state = self.state[param]
-            if len(state) == 0:
+            if "exp_avg" not in state:  # (the target mode may have put its own entries in a member's state)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
