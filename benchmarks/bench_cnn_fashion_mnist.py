@@ -12,6 +12,9 @@ Usage:
 
 ```bash
 python benchmarks/bench_cnn_fashion_mnist.py --output_json benchmarks/bench_cnn_fashion_mnist.json
+# the target mode at the FLOPs the paper mode reached (one architecture per run: each has its own target)
+python benchmarks/bench_cnn_fashion_mnist.py --architectures vgg16_bn --oto_mode target --oto_target_flops 0.249 \
+    --skip_dense --output_json benchmarks/bench_cnn_fashion_mnist_target_vgg.json
 ```
 
 Defaults (the recorded run): VGG16-BN and ResNet-18, 20,000 training images, 2 epochs, batch 128, SGD momentum 0.9
@@ -56,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=0.05)
     parser.add_argument("--weight_decay", type=float, default=5e-4)
     parser.add_argument("--oto_variant", choices=["adamw", "sgd"], default="sgd")
+    parser.add_argument("--oto_mode", choices=["paper", "target"], default="paper")
+    parser.add_argument("--oto_target_flops", type=float, default=None, help="Target mode: FLOPs fraction to keep.")
     parser.add_argument("--oto_lambda", type=float, default=0.02)
     parser.add_argument("--oto_epsilon", type=float, default=0.3)
     parser.add_argument("--oto_init_fraction", type=float, default=0.3)
@@ -78,13 +83,18 @@ def run_one(script, args, architecture: str, dense: bool) -> dict:
         "--learning_rate", str(args.learning_rate), "--weight_decay", str(args.weight_decay),
         "--max_train_samples", str(args.max_train_samples), "--seed", str(args.seed), "--report_to", "none",
         "--save_strategy", "no", "--logging_steps", "20", "--dataloader_num_workers", "0",
-        "--oto_variant", args.oto_variant, "--oto_lambda", str(args.oto_lambda), "--oto_epsilon", str(args.oto_epsilon),
-        "--oto_init_fraction", str(args.oto_init_fraction), "--oto_channel_penalty", args.oto_channel_penalty,
+        "--oto_variant", args.oto_variant, "--oto_channel_penalty", args.oto_channel_penalty,
+        "--oto_mode", args.oto_mode,
     ]  # fmt: skip
+    if args.oto_mode == "paper":
+        argv += ["--oto_lambda", str(args.oto_lambda), "--oto_epsilon", str(args.oto_epsilon)]
+        argv += ["--oto_init_fraction", str(args.oto_init_fraction)]
+        if args.oto_max_group_sparsity is not None:
+            argv += ["--oto_max_group_sparsity", str(args.oto_max_group_sparsity)]
+    elif args.oto_target_flops is not None:
+        argv += ["--oto_target_flops", str(args.oto_target_flops)]
     if args.max_eval_samples:
         argv += ["--max_eval_samples", str(args.max_eval_samples)]
-    if args.oto_max_group_sparsity is not None:
-        argv += ["--oto_max_group_sparsity", str(args.oto_max_group_sparsity)]
     if args.oto_max_family_sparsity is not None:
         argv += ["--oto_max_family_sparsity", str(args.oto_max_family_sparsity)]
     if dense:

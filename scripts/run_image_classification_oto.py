@@ -22,8 +22,12 @@ Usage:
 python scripts/run_image_classification_oto.py --architecture vgg16_bn --idx_dir /usr/share/datasets/fashion-mnist \
     --output_dir outputs/vgg16bn-fmnist-oto --do_train --do_eval --num_train_epochs 2 --max_train_samples 20000 \
     --per_device_train_batch_size 128 --learning_rate 0.05 --weight_decay 5e-4 --oto_variant sgd \
-    --oto_lambda 0.02 --oto_epsilon 0.3 --oto_init_fraction 0.3 --oto_channel_penalty norm \
+    --oto_mode paper --oto_lambda 0.02 --oto_epsilon 0.3 --oto_init_fraction 0.3 --oto_channel_penalty norm \
     --oto_max_group_sparsity 0.6 --oto_max_family_sparsity 0.8
+# the same in the target mode, to a quarter of the FLOPs
+python scripts/run_image_classification_oto.py --architecture vgg16_bn --idx_dir /usr/share/datasets/fashion-mnist \
+    --output_dir outputs/vgg16bn-fmnist-oto-target --do_train --do_eval --num_train_epochs 2 --max_train_samples 20000 \
+    --per_device_train_batch_size 128 --learning_rate 0.05 --weight_decay 5e-4 --oto_variant sgd --oto_target_flops 0.25
 
 # CIFAR-10 from the hub
 python scripts/run_image_classification_oto.py --architecture resnet50 --dataset_name cifar10 \

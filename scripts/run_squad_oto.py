@@ -12,7 +12,8 @@ Usage:
 python scripts/run_squad_oto.py --model_name_or_path bert-base-uncased --dataset_name squad \
     --output_dir outputs/bert-squad-oto --do_train --do_eval --per_device_train_batch_size 32 \
     --learning_rate 3e-5 --num_train_epochs 2 --max_seq_length 384 --doc_stride 128 \
-    --oto_lambda 1e-3 --oto_init_fraction 0.3 --oto_max_group_sparsity 0.5
+    --oto_target_flops 0.5          # the default: half the FLOPs at 128 tokens (target mode)
+# the paper's HSPG instead: --oto_mode paper --oto_lambda 100 --oto_init_fraction 0.3 --oto_max_group_sparsity 0.5
 
 # offline, with local SQuAD-format JSON files (the official v1.1 layout or flat JSON lines)
 python scripts/run_squad_oto.py --model_name_or_path path/to/model --train_file train-v1.1.json \

@@ -18,7 +18,7 @@ python scripts/run_text_classification_oto.py --model_name_or_path bert-base-unc
     --dataset_name glue --dataset_config_name sst2 --text_column_name sentence \
     --output_dir outputs/bert-sst2-oto --do_train --do_eval --per_device_train_batch_size 32 \
     --learning_rate 2e-5 --num_train_epochs 3 --max_seq_length 128 \
-    --oto_lambda 1e-3 --oto_init_fraction 0.3 --oto_max_group_sparsity 0.5
+    --oto_target_flops 0.5 --oto_max_kind_sparsity heads=0.75   # half the FLOPs, at most 3/4 of the heads
 
 # sentence pairs (MRPC)
 python scripts/run_text_classification_oto.py --model_name_or_path bert-base-uncased \

@@ -21,7 +21,7 @@ Usage:
 python scripts/run_text_classification_oto_no_trainer.py --model_name_or_path path/to/model \
     --train_file train.csv --validation_file dev.csv --text_column_name sentence --label_column_name label \
     --output_dir outputs/oto-no-trainer --do_eval --per_device_train_batch_size 32 --learning_rate 2e-5 \
-    --num_train_epochs 3 --oto_lambda 1e-3 --oto_init_fraction 0.3 --checkpointing_steps 500
+    --num_train_epochs 3 --oto_target_flops 0.5 --checkpointing_steps 500
 
 # data parallel on 8 GPUs (DDP), bf16, global batch 8 x 16 x 2
 accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 \
