@@ -10,7 +10,7 @@ from .callbacks import OTOSparsityCallback
 from .flops import count_flops, count_parameters
 from .modeling import load_pruned_model, save_pruned_model
 from .models import CifarConvNetConfig, CifarConvNetForImageClassification
-from .optim import HSPG
+from .optim import HSPG, PruningTarget
 from .pruning import PrunedAttention, PruningReport, apply_layout, prune_zero_groups
 from .trainer import OTOTrainer
 from .training_args import OTOTrainingArguments
@@ -44,6 +44,7 @@ __all__ = [
     "OTOTrainer",
     "OTOTrainingArguments",
     "PrunedAttention",
+    "PruningTarget",
     "PruningReport",
     "TRANSFORMER_LAYOUTS",
     "TransformerLayout",
