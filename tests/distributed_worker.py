@@ -8,7 +8,7 @@ in the tiny model, so a global batch gives the same gradient however it is split
 Usage (from the repository root, with it on `PYTHONPATH`):
 
 ```bash
-torchrun --nproc_per_node 2 --master_port 29601 tests/distributed_worker.py OUT accelerate trainer
+torchrun --nproc_per_node 2 --master_port 29601 tests/distributed_worker.py OUT accelerate trainer trainer_target
 accelerate launch --multi_gpu --num_processes 2 --main_process_port 29600 tests/distributed_worker.py OUT accelerate
 ```
 """
@@ -127,8 +127,19 @@ def train_accelerate(num_processes: int) -> tuple[dict[str, Any], int]:
     return state, accelerator.process_index
 
 
-def train_trainer(num_processes: int, output_dir: str) -> tuple[dict[str, Any], int]:
-    """The same run with `OTOTrainer`; returns the snapshot and the process index."""
+def train_trainer(num_processes: int, output_dir: str, oto_mode: str = "paper") -> tuple[dict[str, Any], int]:
+    """The same run with `OTOTrainer` (the paper mode as above, or the target mode at half the FLOPs with groups
+    selected at steps 4, 6 and 8); returns the snapshot and the process index."""
+    if oto_mode == "paper":
+        knobs = dict(
+            oto_mode="paper",
+            oto_lambda=SETTINGS["lmbda"],
+            oto_init_steps=SETTINGS["init_steps"],
+            oto_max_group_sparsity=SETTINGS["max_group_sparsity"],
+        )
+    else:
+        knobs = dict(oto_mode="target", oto_target_flops=0.5, oto_init_steps=4, oto_pruning_fraction=0.5,
+                     oto_pruning_periods=3, oto_cost_seq_length=16)  # fmt: skip
     args = OTOTrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=SETTINGS["global_batch"] // num_processes,
@@ -139,10 +150,7 @@ def train_trainer(num_processes: int, output_dir: str) -> tuple[dict[str, Any], 
         weight_decay=SETTINGS["weight_decay"],
         max_grad_norm=SETTINGS["max_grad_norm"],
         seed=SETTINGS["seed"],
-        oto_mode="paper",
-        oto_lambda=SETTINGS["lmbda"],
-        oto_init_steps=SETTINGS["init_steps"],
-        oto_max_group_sparsity=SETTINGS["max_group_sparsity"],
+        **knobs,
         use_cpu=True,
         ddp_backend="gloo" if num_processes > 1 else None,
         report_to="none",
@@ -168,8 +176,10 @@ def main() -> None:
             state, index = train_accelerate(num_processes=2)
         elif mode == "trainer":
             state, index = train_trainer(num_processes=2, output_dir=str(output_dir / "trainer"))
+        elif mode == "trainer_target":
+            state, index = train_trainer(num_processes=2, output_dir=str(output_dir / mode), oto_mode="target")
         else:
-            raise ValueError(f"Unknown mode {mode!r}; use 'accelerate' and/or 'trainer'.")
+            raise ValueError(f"Unknown mode {mode!r}; use 'accelerate', 'trainer' and/or 'trainer_target'.")
         torch.save(state, output_dir / f"{mode}-rank{index}.pt")
     gc.collect()  # no DDP reducer left: the process group can go
     if torch.distributed.is_initialized():

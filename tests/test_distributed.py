@@ -76,7 +76,7 @@ def torchrun_outputs(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("ddp")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(WORKER), str(output_dir), "accelerate", "trainer",
+        "--master_port", str(free_port()), str(WORKER), str(output_dir), "accelerate", "trainer", "trainer_target",
     ]  # fmt: skip
     run_launcher(command, TIMEOUT)
     return output_dir
@@ -106,6 +106,18 @@ def test_oto_trainer_under_ddp(torchrun_outputs, tmp_path, fresh_accelerate_stat
     assert_close_to(rank0, single)
 
 
+def test_oto_trainer_target_mode_under_ddp(torchrun_outputs, tmp_path, fresh_accelerate_state, one_thread):
+    """The target mode's saliency, selection and ramps take the same decisions on every process, and the ones a
+    single process takes on the same global batch."""
+    rank0, rank1 = load_ranks(torchrun_outputs, "trainer_target")
+    assert_identical(rank0, rank1)
+    assert int(rank0["zero_mask"].sum()) > 0
+    single, _ = distributed_worker.train_trainer(
+        num_processes=1, output_dir=str(tmp_path / "single"), oto_mode="target"
+    )
+    assert_close_to(rank0, single)
+
+
 def test_no_trainer_script_under_accelerate_launch(tmp_path, fresh_accelerate_state, one_thread):
     """The script on 2 processes x 4 examples equals the script on 1 process x 8 examples; only the main process
     writes the checkpoints, the slim model and all_results.json."""
@@ -123,7 +135,7 @@ def test_no_trainer_script_under_accelerate_launch(tmp_path, fresh_accelerate_st
             "--model_name_or_path", str(model_dir), "--train_file", str(train), "--label_column_name", "sentiment",
             "--output_dir", str(output_dir), "--max_seq_length", "16", "--per_device_train_batch_size",
             str(batch_size), "--max_steps", "10", "--learning_rate", "1e-2", "--warmup_steps", "2",
-            "--oto_mode", "paper", "--oto_lambda", "10", "--oto_init_steps", "4", "--checkpointing_steps", "5", "--use_cpu",
+            "--oto_init_steps", "4", "--oto_cost_seq_length", "16", "--checkpointing_steps", "5", "--use_cpu",
             "--pad_to_max_length",
         ]  # fmt: skip
 
