@@ -19,6 +19,18 @@ HSPG / reference. The table reports the median step times and the median ratio w
 - `half_space+zeros`: half-space steps with `--zero_fraction` of the groups already zero (every family then has zero
   groups, the worst case: the rows of the zero groups are refilled with zeros in the parameters and in the optimizer
   state every step).
+
+The target mode (`HSPG(mode="target")`, goal: ≤ 1.15x AdamW) in three stages:
+
+- `target:scoring`: every step accumulates the groups' Taylor saliency (the steps before each selection);
+- `target:ramping`: saliency plus ramps: a selection at step 0 put 12.5% of the FLOPs on their way to zero, and each
+  step projects those groups onto their shrinking radius (the busiest steps of the mode);
+- `target:zeros`: after the pruning window: `--zero_fraction` of the groups zero, no scoring, no ramp.
+
+```bash
+/work/.venv/bin/python benchmarks/bench_optimizer_step.py --variants adamw --stages target:scoring target:ramping \
+    target:zeros --output benchmarks/bench_optimizer_step_target.json
+```
 """
 
 from __future__ import annotations
@@ -34,11 +46,11 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel
 
-from hf_oto.optim import HSPG
+from hf_oto.optim import HSPG, PruningTarget
 from hf_oto.zig import build_zigs
 
 
-STAGES = ("initialization", "half_space", "half_space+zeros")
+STAGES = ("initialization", "half_space", "half_space+zeros", "target:scoring", "target:ramping", "target:zeros")
 REFERENCES = {"adamw": "AdamW(foreach)", "sgd": "SGD(momentum=0.9, foreach)"}
 
 
@@ -74,6 +86,26 @@ def make_pair(args, base: torch.nn.Module, variant: str, stage: str):
         param.grad = grad
         other.grad = grad
     init_steps = 10**9 if stage == "initialization" else 0
+    if stage.startswith("target:"):
+        # scoring: the window's first selection lies beyond the run, so every step scores; ramping: a selection at
+        # step 0 and ramps longer than the run; zeros: a window of 4 steps, over before the timed steps.
+        period = 4 if stage == "target:zeros" else 10**6
+        target = dict(
+            mode="target",
+            init_steps=period if stage == "target:scoring" else 0,
+            pruning_steps=4 * period,
+            pruning_periods=4,
+            target=PruningTarget(flops=0.5),
+        )
+        if stage == "target:zeros":
+            zigs.set_zero(zigs.random_zero_mask(args.zero_fraction, generator=torch.Generator().manual_seed(0)))
+        if variant == "adamw":
+            hspg = HSPG(model.parameters(), zigs, lr=1e-5, weight_decay=0.01, **target)
+            reference = torch.optim.AdamW(twin.parameters(), lr=1e-5, weight_decay=0.01, foreach=True)
+        else:
+            hspg = HSPG(model.parameters(), zigs, lr=1e-5, variant="sgd", momentum=0.9, **target)
+            reference = torch.optim.SGD(twin.parameters(), lr=1e-5, momentum=0.9, foreach=True)
+        return model, hspg, reference, zigs
     # lmbda/lr chosen so that the half-space test zeroes (almost) nothing: the cost measured is the steady state.
     if variant == "adamw":
         hspg = HSPG(model.parameters(), zigs, lr=1e-5, lmbda=1e-3, weight_decay=0.01, init_steps=init_steps)
@@ -93,7 +125,10 @@ def quantile(values: list[float], q: float) -> float:
 
 
 def time_pair(hspg, reference, args) -> dict:
-    for _ in range(args.warmup):
+    warmup = args.warmup
+    if hspg.schedule is not None and hspg.schedule.end < 100:  # target:zeros: time the steps after the window
+        warmup = max(warmup, hspg.schedule.end + 1)
+    for _ in range(warmup):
         hspg.step()
         reference.step()
     times_h, times_r = [], []
