@@ -9,7 +9,7 @@ mini-batches in the same order, the same `lmbda`, the same learning-rate schedul
 - **HSPG** (`hf_oto.optim.HSPG`, `variant="sgd"`, `momentum=0`): subgradient steps for the first
   `--init_fraction` of the budget, then half-space steps.
 
-Model: an MLP `784 -> 512 -> 256 -> 10` (ReLU); its groups are the hidden neurons (row of the layer's weight and
+Model: an MLP `784 -> 512 -> 256 -> 10` (`--activation relu`, the default, or `gelu`); its groups are the hidden neurons (row of the layer's weight and
 bias; the next layer's input column is the dependent). Data: Fashion-MNIST (60k train / 10k test) from the Debian
 package `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`), IDX files read with gzip + numpy.
 
@@ -18,12 +18,20 @@ norms: Prox-SG only zeroes a group whose trial point falls in a ball of radius `
 `lr * lmbda`, while HSPG's half-space region does not. `--settings LR:LMBDA ...` runs a sweep over `(lr, lmbda)`
 pairs (each with the same budget and schedule for both methods) and prints one table over all of them.
 
+With ReLU a neuron the penalty drives negative on every input is dead: its loss gradient is exactly zero, so
+soft-thresholding zeroes it as surely as the half-space test does. With GELU (the transformer FFN activation,
+`GELU'(0) = 1/2`) a zero neuron still gets a loss gradient; Prox-SG then keeps it at zero only while the mini-batch
+gradient of the group has norm <= `lmbda`, whereas HSPG never revives a zero group. `--epsilon E ...` runs HSPG once
+per value of its half-space parameter (Prox-SG, which has none, runs once per `(lr, lmbda)` pair); the JSON then has
+one entry of `runs` per `(lr, lmbda, epsilon)`, each holding that HSPG run and the shared Prox-SG run.
+
 Usage:
 
 ```bash
 /work/.venv/bin/python benchmarks/bench_hspg_vs_proxsg.py                       # lr 0.1, lmbda 5e-3: ~5 min on 2 cores
 /work/.venv/bin/python benchmarks/bench_hspg_vs_proxsg.py --settings 0.01:1e-3 --output /tmp/proxsg_0.01.json
 /work/.venv/bin/python benchmarks/bench_hspg_vs_proxsg.py --settings 0.1:5e-3 0.01:1e-3 0.001:1e-3  # ~15 min
+/work/.venv/bin/python benchmarks/bench_hspg_vs_proxsg.py --activation gelu --epsilon 0 0.05 0.2 --settings 0.1:3e-3
 ```
 """
 
@@ -45,6 +53,7 @@ from hf_oto.zig import ZIGFamily, ZIGMember, ZIGSet
 
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,7 +73,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Sweep: one run of both methods per (initial lr, lmbda) pair, e.g. `0.1:5e-3 0.01:1e-3`. Default: the "
         "single pair --lr, --lmbda.",
     )
-    parser.add_argument("--epsilon", type=float, default=0.0, help="HSPG's half-space parameter.")
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="HSPG's half-space parameter, in [0, 1); several values: one HSPG run per value (Prox-SG runs once).",
+    )
+    parser.add_argument(
+        "--activation", choices=sorted(ACTIVATIONS), default="relu", help="Hidden-layer activation of the MLP."
+    )
+    parser.add_argument(
+        "--near_zero_tol",
+        type=float,
+        default=1e-3,
+        help="Also count the non-zero groups whose norm is at most this (reported as near_zero_groups).",
+    )
     parser.add_argument("--init_fraction", type=float, default=0.3, help="Share of steps in HSPG's init stage.")
     parser.add_argument("--hidden", type=int, nargs=2, default=(512, 256))
     parser.add_argument("--seed", type=int, default=0)
@@ -104,14 +128,15 @@ def load_fashion_mnist(data_dir: Path) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: tuple[int, int]):
+    def __init__(self, hidden: tuple[int, int], activation: str = "relu"):
         super().__init__()
+        self.activation = ACTIVATIONS[activation]
         self.fc1 = nn.Linear(784, hidden[0])
         self.fc2 = nn.Linear(hidden[0], hidden[1])
         self.fc3 = nn.Linear(hidden[1], 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+        return self.fc3(self.activation(self.fc2(self.activation(self.fc1(x)))))
 
 
 def neuron_zigs(model: MLP) -> ZIGSet:
@@ -157,13 +182,14 @@ class ProxSG(torch.optim.Optimizer):
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: MLP, zigs: ZIGSet, lmbda: float, data) -> dict:
+def evaluate(model: MLP, zigs: ZIGSet, lmbda: float, data, near_zero_tol: float = 1e-3) -> dict:
     train_x, train_y, test_x, test_y = data
     train_loss = sum(
         F.cross_entropy(model(train_x[i : i + 10000]), train_y[i : i + 10000], reduction="sum").item()
         for i in range(0, len(train_x), 10000)
     ) / len(train_x)
-    penalty = sum(norm.sum().item() for norm in zigs.family_norms())
+    norms = torch.cat(zigs.family_norms())
+    penalty = norms.sum().item()
     test_accuracy = (model(test_x).argmax(1) == test_y).float().mean().item()
     return dict(
         objective=train_loss + lmbda * penalty,
@@ -173,12 +199,14 @@ def evaluate(model: MLP, zigs: ZIGSet, lmbda: float, data) -> dict:
         group_sparsity=zigs.group_sparsity(),
         zero_groups=zigs.num_zero_groups(),
         kept_neurons=zigs.kept_groups(),
+        near_zero_groups=int(((norms > 0) & (norms <= near_zero_tol)).sum()),
+        min_nonzero_group_norm=norms[norms > 0].min().item() if bool((norms > 0).any()) else None,
     )
 
 
-def run(method: str, args, data, lr: float, lmbda: float) -> dict:
+def run(method: str, args, data, lr: float, lmbda: float, epsilon: float = 0.0) -> dict:
     torch.manual_seed(args.seed)
-    model = MLP(tuple(args.hidden))
+    model = MLP(tuple(args.hidden), args.activation)
     zigs = neuron_zigs(model)
     train_x, train_y = data[0], data[1]
     steps_per_epoch = len(train_x) // args.batch_size
@@ -189,7 +217,7 @@ def run(method: str, args, data, lr: float, lmbda: float) -> dict:
             zigs,
             lr=lr,
             lmbda=lmbda,
-            epsilon=args.epsilon,
+            epsilon=epsilon,
             init_steps=int(args.init_fraction * total),
             variant="sgd",
             momentum=0.0,
@@ -211,11 +239,13 @@ def run(method: str, args, data, lr: float, lmbda: float) -> dict:
             optimizer.step()
             scheduler.step()
         model.eval()
-        metrics = evaluate(model, zigs, lmbda, data)
+        metrics = evaluate(model, zigs, lmbda, data, args.near_zero_tol)
         history.append(dict(epoch=epoch + 1, **{k: v for k, v in metrics.items() if k != "kept_neurons"}))
+        label = f"HSPG(eps={epsilon:g})" if method == "HSPG" else method
         print(
-            f"  lr {lr:g} lmbda {lmbda:g} {method:8s} epoch {epoch + 1:3d}: objective {metrics['objective']:.4f}  "
-            f"loss {metrics['train_loss']:.4f}  sparsity {metrics['group_sparsity']:.3f}  "
+            f"  {args.activation} lr {lr:g} lmbda {lmbda:g} {label:15s} epoch {epoch + 1:3d}: "
+            f"objective {metrics['objective']:.4f}  loss {metrics['train_loss']:.4f}  "
+            f"sparsity {metrics['group_sparsity']:.3f}  near-zero {metrics['near_zero_groups']}  "
             f"test acc {metrics['test_accuracy']:.4f}",
             flush=True,
         )
@@ -233,32 +263,46 @@ def main(argv=None) -> dict:
     settings = [(args.lr, args.lmbda)]
     if args.settings is not None:
         settings = [tuple(float(value) for value in setting.split(":")) for setting in args.settings]
+    for epsilon in args.epsilon:
+        if not 0.0 <= epsilon < 1.0:
+            raise SystemExit(f"--epsilon {epsilon}: must be in [0, 1).")
     runs = []
     for lr, lmbda in settings:
-        results = {method: run(method, args, data, lr, lmbda) for method in ("Prox-SG", "HSPG")}
-        runs.append(dict(lr=lr, lmbda=lmbda, results=results))
+        prox_sg = run("Prox-SG", args, data, lr, lmbda)  # no epsilon: one run, shared by the entries below
+        for epsilon in args.epsilon:
+            results = {"Prox-SG": prox_sg, "HSPG": run("HSPG", args, data, lr, lmbda, epsilon)}
+            runs.append(dict(lr=lr, lmbda=lmbda, epsilon=epsilon, activation=args.activation, results=results))
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    # `epsilon` stays a number for a single value (the JSON of earlier runs); `epsilons` always lists them all.
+    config["epsilons"] = list(args.epsilon)
+    config["epsilon"] = args.epsilon[0] if len(args.epsilon) == 1 else list(args.epsilon)
     output = dict(config=config, threads=torch.get_num_threads(), torch=torch.__version__, runs=runs)
     groups = sum(args.hidden)
     steps = runs[0]["results"]["HSPG"]["steps"]
     print()
     print(
-        f"MLP 784-{args.hidden[0]}-{args.hidden[1]}-10 on Fashion-MNIST, {groups} neuron groups, {args.epochs} epochs "
+        f"MLP 784-{args.hidden[0]}-{args.hidden[1]}-10 ({args.activation}) on Fashion-MNIST, {groups} neuron groups, "
+        f"{args.epochs} epochs "
         f"({steps} steps), batch {args.batch_size}, HSPG init stage {args.init_fraction:.0%} of the steps"
     )
     print()
     print(
-        "| lr | λ | lr·λ | method | objective f + λΣ‖x_g‖ | train loss f | group sparsity | zero groups | "
-        "kept neurons (fc1, fc2) | test accuracy |"
+        "| activation | lr | λ | lr·λ | method | ε | objective f + λΣ‖x_g‖ | train loss f | group sparsity | "
+        f"zero groups | near-zero groups (≤ {args.near_zero_tol:g}) | kept neurons (fc1, fc2) | test accuracy |"
     )
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---|---:|")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    printed = set()
     for entry in runs:
         for method, m in entry["results"].items():
+            if id(m) in printed:  # the Prox-SG run shared by several epsilons
+                continue
+            printed.add(id(m))
             kept = ", ".join(str(v) for v in m["kept_neurons"].values())
+            epsilon = f"{entry['epsilon']:g}" if method == "HSPG" else "-"
             print(
-                f"| {entry['lr']:g} | {entry['lmbda']:g} | {entry['lr'] * entry['lmbda']:.0e} | {method} | "
-                f"{m['objective']:.4f} | {m['train_loss']:.4f} | {m['group_sparsity']:.3f} | "
-                f"{m['zero_groups']} / {groups} | {kept} | {m['test_accuracy']:.4f} |"
+                f"| {entry['activation']} | {entry['lr']:g} | {entry['lmbda']:g} | {entry['lr'] * entry['lmbda']:.0e} | "
+                f"{method} | {epsilon} | {m['objective']:.4f} | {m['train_loss']:.4f} | {m['group_sparsity']:.3f} | "
+                f"{m['zero_groups']} / {groups} | {m['near_zero_groups']} | {kept} | {m['test_accuracy']:.4f} |"
             )
     Path(args.output).write_text(json.dumps(output, indent=2, sort_keys=True))
     return output
