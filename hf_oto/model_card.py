@@ -215,12 +215,19 @@ def create_model_card(
         else "(not recorded)"
     )
     task = auto_class.replace("AutoModelFor", "")
+    groups = (
+        "convolution channels (a filter with its bias and batch-norm weight and bias, tied across residual adds)"
+        if channels
+        else "attention heads and FFN rows"
+    )
+    base_model_text = f"`{base_model}`" if base_model else "the base model"
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
         model_name=model_name,
         repo_id=repo_id or "path/to/this/folder",
-        base_model_text=f"`{base_model}`" if base_model else "the base model",
+        base_model_text=base_model_text,
+        method_text=_method_text(hyperparameters or {}, groups, base_model_text),
         auto_class=auto_class,
         ort_class=f"ORTModelFor{task}" if task != "AutoModel" else "ORTModelForFeatureExtraction",
         has_onnx=has_onnx,
@@ -248,6 +255,24 @@ def create_model_card(
         hyperparameters_table=hyperparameters_table,
         training_data=training_data or "",
     )
+
+
+def _method_text(hyperparameters: Mapping[str, Any], groups: str, base_model_text: str) -> str:
+    """One sentence on how the zero groups were chosen, for the mode the hyper-parameters record."""
+    if hyperparameters.get("oto_mode") == "target":
+        goals = []
+        if hyperparameters.get("oto_target_flops") is not None:
+            goals.append(f"{hyperparameters['oto_target_flops']:.0%} of the dense model's FLOPs")
+        if hyperparameters.get("oto_target_params") is not None:
+            goals.append(f"{hyperparameters['oto_target_params']:.0%} of its parameters")
+        default = "" if hyperparameters.get("oto_target_stated", True) else " (the default target: none was stated)"
+        return (
+            f"in HSPG's target mode, the whole {groups} of {base_model_text} that the loss could best spare per unit "
+            f"of cost (accumulated first-order Taylor saliency) were selected, a few at a time, to keep "
+            f"{' and '.join(goals) or 'the stated cost'}{default}, and each was ramped to exactly zero during the one "
+            "training run while the rest kept training"
+        )
+    return f"the HSPG optimizer drove whole {groups} of {base_model_text} to exactly zero under a group-lasso penalty"
 
 
 def write_model_card(directory: str | os.PathLike, report: PruningReport, **card_kwargs: Any) -> Path:

@@ -371,6 +371,12 @@ class OTOArguments:
         if self.oto_mode == "target":
             if max_steps is None:
                 raise ValueError("The target mode's schedule needs the run's length: call hspg_kwargs(max_steps=...).")
+            if self.oto_target_flops is None and self.oto_target_params is None:
+                logger.warning(
+                    f"OTO target mode without a stated target: pruning to the default, {self.oto_pruning_target().flops:.0%}"
+                    f" of the dense model's FLOPs at {self.oto_cost_seq_length} tokens. Set --oto_target_flops / "
+                    "--oto_target_params to choose."
+                )
             return {
                 "mode": "target",
                 "target": self.oto_pruning_target(),
@@ -396,6 +402,7 @@ class OTOArguments:
             return {
                 "oto_mode": self.oto_mode,
                 "oto_target_flops": self.oto_pruning_target().flops,
+                "oto_target_stated": self.oto_target_flops is not None or self.oto_target_params is not None,
                 "oto_target_params": self.oto_target_params,
                 "oto_max_kind_sparsity": self.oto_max_kind_sparsity,
                 "oto_min_kept_per_family": self.oto_min_kept_per_family,
