@@ -43,6 +43,7 @@ def test_card_has_metadata_sizes_layout_plot_and_loading_lines(tmp_path):
     assert f"| parameters | {report.params_before:,} | {report.params_after:,} |" in text
     assert f"| {report.flops_before:,} | {report.flops_after:,} |" in text
     assert "| oto_lambda | 0.01 |" in text
+    assert "drove whole attention heads and FFN rows of `me/tiny-llama` to exactly zero under a group-lasso" in text
     assert "## Training\n\nSix questions about rivers.\n" in text
     assert "| exact_match | 71.25 |" in text
     assert 'load_pruned_model("me/tiny-llama-oto", auto_class=AutoModelForCausalLM)' in text
@@ -55,6 +56,19 @@ def test_card_has_metadata_sizes_layout_plot_and_loading_lines(tmp_path):
     plot = tmp_path / PLOT_FILE
     assert f"]({PLOT_FILE})" in text
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_card_says_how_the_target_mode_chose_the_groups(tmp_path):
+    report = _pruned_report("bert")
+    for stated, default_note in ((True, False), (False, True)):
+        text = write_model_card(
+            tmp_path / str(stated),
+            report,
+            hyperparameters={"oto_mode": "target", "oto_target_flops": 0.5, "oto_target_stated": stated},
+        ).read_text()
+        assert "target mode" in text and "to keep 50% of the dense model's FLOPs" in text
+        assert "group-lasso penalty" not in text
+        assert ("the default target: none was stated" in text) is default_note
 
 
 def test_card_without_optional_sections(tmp_path):
