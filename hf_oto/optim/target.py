@@ -393,6 +393,8 @@ class TargetSelection:
         family, the mask of the groups whose ramp ends now (to be set to exactly zero with their optimizer state)."""
         period = self.schedule.period
         drop: dict[int, torch.Tensor] = {}
+        if not self.schedule.start <= step < self.schedule.end:  # no ramp outside the window (and no host sync)
+            return drop
         for family in range(len(self.num_groups)):
             state = self.family_state(family)
             start = state["oto_ramp_start"]
