@@ -179,9 +179,9 @@ def parse_script_arguments(dataclass_types: Sequence[type], argv: list[str] | No
     >>> from hf_oto import OTOTrainingArguments
     >>> from hf_oto.run_outputs import parse_script_arguments
 
-    >>> (args,) = parse_script_arguments([OTOTrainingArguments], ["--output_dir", "out", "--oto_lambda", "5"])
-    >>> args.oto_lambda
-    5.0
+    >>> (args,) = parse_script_arguments([OTOTrainingArguments], ["--output_dir", "out", "--oto_target_flops", "0.4"])
+    >>> args.oto_target_flops
+    0.4
     ```
     """
     parser = HfArgumentParser(tuple(dataclass_types))
