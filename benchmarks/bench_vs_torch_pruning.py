@@ -134,6 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--speedup_repeats", type=int, default=30, help="Interleaved timed rounds.")
     parser.add_argument("--speedup_threads", type=int, default=2, help="ONNX Runtime intra-op threads.")
     parser.add_argument("--torch_threads", type=int, default=None, help="torch.set_num_threads (default: torch's).")
+    parser.add_argument(
+        "--report", action="store_true", help="Only print the tables of the runs stored in --output (no training)."
+    )
     args = parser.parse_args(argv)
     if args.num_train_epochs <= 0:
         parser.error("--num_train_epochs must be positive.")
@@ -719,8 +722,40 @@ def format_table(runs: list[dict[str, Any]], methods: list[str], targets: list[f
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
+def format_paired(runs: list[dict[str, Any]]) -> str:
+    """Per seed and target: the accuracy of every method on that seed, so that methods compare on the same split
+    of randomness (data order, head initialisation)."""
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    lines = ["| seed | target | " + " | ".join(methods) + " |", "|---|---|" + "---:|" * len(methods)]
+    seeds = sorted({r["seed"] for r in runs})
+    targets = sorted({r["target"] for r in runs if r["target"] is not None}, reverse=True)
+    for target in targets:
+        for seed in seeds:
+            cells = []
+            for method in methods:
+                match = [
+                    r
+                    for r in runs
+                    if r["method"] == method
+                    and r["seed"] == seed
+                    and r["target"] in ((None,) if method == "dense" else (target,))
+                ]
+                value = match[0].get("accuracy") if match else None
+                cells.append("-" if value is None else f"{100 * value:.2f}")
+            lines.append(f"| {seed} | {target:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        runs = load_results(Path(args.output))["runs"]
+        targets = sorted({r["target"] for r in runs if r["target"] is not None}, reverse=True)
+        methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+        print(format_table(runs, methods, targets))
+        print()
+        print(format_paired(runs))
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.torch_threads:
