@@ -250,22 +250,23 @@ def test_callback_adds_metrics_to_a_plain_trainer(tmp_path):
     assert len(train_logs) == 3 and all(set(OTO_KEYS) <= set(entry) for entry in train_logs)
 
 
-def test_resume_from_checkpoint_gives_identical_weights(tmp_path):
+@pytest.mark.parametrize("mode", ["paper", "target"])
+def test_resume_from_checkpoint_gives_identical_weights(tmp_path, mode):
     data = random_dataset(24)
-    # Checkpoint at step 4, inside the initialization stage (6 of 12 steps from the fraction), so the resumed run
-    # must restore both the step count and the moments of HSPG to switch stage at the same step.
-    overrides = dict(
-        max_steps=12,
-        save_strategy="steps",
-        save_steps=4,
-        oto_mode="paper",
-        oto_lambda=3.0,
-        oto_init_steps=None,
-        oto_init_fraction=0.5,
-    )
+    if mode == "paper":
+        # Checkpoint at step 4, inside the initialization stage (6 of 12 steps from the fraction), so the resumed run
+        # must restore both the step count and the moments of HSPG to switch stage at the same step.
+        knobs = dict(oto_mode="paper", oto_lambda=3.0, oto_init_steps=None, oto_init_fraction=0.5)
+    else:
+        # Selections at steps 3, 5 and 7; the checkpoint at step 4 holds scores and a ramp in flight.
+        knobs = dict(
+            oto_mode="target", oto_lambda=None, oto_init_steps=3, oto_pruning_fraction=0.5, oto_pruning_periods=3,
+            oto_cost_seq_length=16,
+        )  # fmt: skip
+    overrides = dict(max_steps=12, save_strategy="steps", save_steps=4, **knobs)
     full = OTOTrainer(tiny_model("bert"), oto_args(tmp_path / "full", **overrides), train_dataset=data)
     full.train()
-    assert full.oto_init_steps == 6
+    assert full.oto_init_steps == (6 if mode == "paper" else 3)
     assert full.zigs.num_zero_groups() > 0
     checkpoint = tmp_path / "full" / "checkpoint-4"
     assert (checkpoint / "optimizer.pt").is_file()
@@ -370,3 +371,17 @@ def test_push_to_hub_uploads_the_slim_model(pruned):
     assert "only-train-once" in open(os.path.join(output_dir, "README.md")).read()
     assert sum(p.numel() for p in uploaded["model"].parameters()) == sum(p.numel() for p in slim.parameters())
     assert sum(p.numel() for p in uploaded["model"].parameters()) < params_before
+
+
+def test_default_target_mode_reaches_half_the_flops_and_logs_it(tmp_path):
+    """With no oto_* knob, OTOTrainer prunes to the default target: 50% of the FLOPs, counted as the report counts."""
+    args = OTOTrainingArguments(**{**QUIET, "output_dir": str(tmp_path), "max_steps": 12, "learning_rate": 1e-2,
+                                   "per_device_train_batch_size": 4, "logging_steps": 4, "seed": 0})  # fmt: skip
+    assert args.oto_mode == "target" and args.oto_pruning_target().flops == 0.5
+    trainer = OTOTrainer(tiny_model("bert"), args, train_dataset=random_dataset(24), eval_dataset=random_dataset(8))
+    trainer.train()
+    last = [entry for entry in trainer.state.log_history if "oto/flops_kept" in entry][-1]
+    assert 0.4 < last["oto/flops_kept"] <= 0.5
+    trainer.prune()
+    report = trainer.pruning_report
+    assert report.flops_after / report.flops_before == pytest.approx(last["oto/flops_kept"])
