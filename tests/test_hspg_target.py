@@ -15,20 +15,12 @@ from hf_oto.flops import count_flops, count_parameters
 from hf_oto.optim import HSPG, PruningTarget
 from hf_oto.optim.target import Schedule, parse_kind_caps
 from hf_oto.pruning import prune_zero_groups
-from tests.test_hspg import lm_loss, train
+from tests.test_hspg import lm_loss, single_thread, train  # noqa: F401 (single_thread: autouse fixture)
 from tests.tiny_convnets import images, tiny_vgg
 from tests.tiny_models import tiny_inputs, tiny_model
 
 
 SEQ = 16
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def target_hspg(model, zigs=None, *, init_steps=4, pruning_steps=8, periods=4, target=None, **kwargs):

@@ -552,21 +552,12 @@ class HSPG(Optimizer):
         # In the half-space stage the groups that are zero at x_k stay zero: one host sync tells which families have
         # any, and only their members mask those rows (of the direction, the momentum or the Adam moments) in the
         # fused pass below.
-        if half_space and members:
-            families = sorted({member.family for member in members})
-            any_zero = torch.stack([(family_squared[f] == 0).any() for f in families]).tolist()
-            live = {f: family_squared[f] > 0 for f, flag in zip(families, any_zero) if flag}
-            for member in members:
-                if member.family in live:
-                    member.live = live[member.family].to(member.param.dtype)
+        if half_space:
+            self._mark_live(members, family_squared)
 
         # Phase A: the update x <- x - lr * d. Parameters outside the ZIGs take torch's foreach step; each penalised
         # member is updated in one fused pass over blocks of its groups, which also yields d_g^T x_g at x_k.
-        for group in self.param_groups:
-            if group["variant"] == "adamw":
-                self._adamw_step(group, by_param, inverse_norm, half_space)
-            else:
-                self._sgd_step(group, by_param, inverse_norm, half_space)
+        self._base_step(by_param, inverse_norm, half_space)
 
         # Phase B: the half-space test per family, from the norms and dot products at x_k; then the rows of the
         # newly dropped groups are set to zero in the parameters and in the optimizer state.
@@ -577,6 +568,29 @@ class HSPG(Optimizer):
         for group in self.param_groups:
             group["step_count"] = count + 1
         return loss
+
+    @staticmethod
+    def _mark_live(members: list[_Member], family_squared: dict[int, torch.Tensor]) -> None:
+        """Gives the members of every family that has zero groups at x_k its `live` mask (1 non-zero, 0 zero), so
+        that the fused pass keeps those rows, and their optimizer state, at zero. One host sync."""
+        if not members:
+            return
+        families = sorted({member.family for member in members})
+        any_zero = torch.stack([(family_squared[f] == 0).any() for f in families]).tolist()
+        live = {f: family_squared[f] > 0 for f, flag in zip(families, any_zero) if flag}
+        for member in members:
+            if member.family in live:
+                member.live = live[member.family].to(member.param.dtype)
+
+    def _base_step(
+        self, by_param: dict[int, _Member], inverse_norm: dict[int, torch.Tensor], half_space: bool
+    ) -> None:
+        """x <- x - lr * d for every param group, with its variant's base direction."""
+        for group in self.param_groups:
+            if group["variant"] == "adamw":
+                self._adamw_step(group, by_param, inverse_norm, half_space)
+            else:
+                self._sgd_step(group, by_param, inverse_norm, half_space)
 
     def _target_step(
         self,
@@ -595,20 +609,9 @@ class HSPG(Optimizer):
         if schedule.scoring(count):
             selection.accumulate_saliency()
         # Zero groups stay zero: their rows of the direction and of the optimizer state are masked.
-        if members:
-            families = sorted({member.family for member in members})
-            any_zero = torch.stack([(family_squared[f] == 0).any() for f in families]).tolist()
-            live = {f: family_squared[f] > 0 for f, flag in zip(families, any_zero) if flag}
-            for member in members:
-                if member.family in live:
-                    member.live = live[member.family].to(member.param.dtype)
+        self._mark_live(members, family_squared)
         inverse_norm = {family: torch.zeros_like(squared) for family, squared in family_squared.items()}
-        by_param = {id(member.param): member for member in members}
-        for group in self.param_groups:
-            if group["variant"] == "adamw":
-                self._adamw_step(group, by_param, inverse_norm, half_space=False)
-            else:
-                self._sgd_step(group, by_param, inverse_norm, half_space=False)
+        self._base_step({id(member.param): member for member in members}, inverse_norm, half_space=False)
         drop = selection.ramp(count)
         if drop:
             self._zero_dropped(all_members, drop, family_size)
