@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output_dir", type=Path, help="Folder for model.onnx (e.g. <model_dir>/onnx).")
     export.add_argument("--task", default=None, help="Optimum export task (inferred from the model class if unset).")
     export.add_argument("--opset", type=_positive_int, default=None)
-    export.add_argument("--overwrite", action="store_true", help="Replace an existing model.onnx.")
+    export.add_argument(
+        "--overwrite", action="store_true", help="Replace the output folder (all of it) if it is not empty."
+    )
     return parser
 
 

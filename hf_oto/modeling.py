@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import logging
 
+from .atomic_folder import atomic_folder, check_replaceable
 from .pruning import apply_layout, current_layout
 
 
@@ -37,12 +39,18 @@ def save_pruned_model(
     overwrite: bool = False,
     safe_serialization: bool = True,
     export_onnx: bool = False,
+    write_extra: Callable[[Path], Any] | None = None,
 ) -> Path:
-    """Saves a pruned model (and its tokenizer) as a normal Hugging Face folder.
+    """Saves a pruned model (and its tokenizer) as a normal Hugging Face folder, atomically.
 
     The per-layer sizes the model computes are (re)read from its modules and written to `config.json` as
     `oto_layout`; the weights go to `model.safetensors` (tensors of layers without heads keep their 0-size q/k/v
     entries, so the state-dict keys are those of the dense model). Reload with [`load_pruned_model`].
+
+    Everything is written into a temporary sibling folder that replaces `directory` only once complete (see
+    [`~hf_oto.atomic_folder.atomic_folder`]): a save that fails or is killed leaves the previous folder as it was,
+    and an overwrite leaves no stale file of the previous model (e.g. a `model.safetensors` next to a new
+    `pytorch_model.bin`, or an old shard index) that would win at load time.
 
     Args:
         model ([`~transformers.PreTrainedModel`]):
@@ -52,12 +60,16 @@ def save_pruned_model(
         tokenizer (*optional*):
             A tokenizer or processor with `save_pretrained`, saved alongside.
         overwrite (`bool`, *optional*, defaults to `False`):
-            Write into a non-empty folder. Files of the same names are replaced, other files are left alone.
+            Replace a non-empty folder. The WHOLE folder is replaced: files that are not part of the saved model
+            (e.g. notes you put there) are deleted too.
         safe_serialization (`bool`, *optional*, defaults to `True`):
             Write safetensors (else `pytorch_model.bin`).
         export_onnx (`bool`, *optional*, defaults to `False`):
             Also export the model through Optimum into an `onnx/` subfolder that loads with `ORTModelFor*` without
             hf_oto (needs `optimum[onnxruntime]`, the `onnx` extra).
+        write_extra (`Callable[[Path], Any]`, *optional*):
+            Called with the temporary folder once the model is in it, to add files that belong to the saved folder
+            (e.g. a model card) before it replaces `directory`.
 
     Returns:
         `Path`: the folder.
@@ -72,24 +84,20 @@ def save_pruned_model(
     ```
     """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{str(directory)!r} is a file, not a folder; choose a folder path to save the pruned model.")
-    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        raise ValueError(
-            f"The folder {str(directory)!r} is not empty. Choose a new or empty folder, or pass `overwrite=True` to "
-            "write into it (files of the same names are replaced, other files are kept)."
-        )
+    check_replaceable(directory, overwrite=overwrite, what="pruned model")
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"save_pruned_model needs a transformers PreTrainedModel; got {type(model).__name__}.")
     model.config.oto_layout = current_layout(model)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=safe_serialization)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    if export_onnx:
-        from .onnx import export_onnx_subfolder  # optimum is an optional dependency
+    with atomic_folder(directory, overwrite=overwrite, what="pruned model") as staging:
+        model.save_pretrained(staging, safe_serialization=safe_serialization)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if export_onnx:
+            from .onnx import export_onnx_subfolder  # optimum is an optional dependency
 
-        export_onnx_subfolder(model, directory, tokenizer)
+            export_onnx_subfolder(model, staging, tokenizer)
+        if write_extra is not None:
+            write_extra(staging)
     logger.info(f"Saved the pruned model to {directory} (layout {model.config.oto_layout}).")
     return directory
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .atomic_folder import atomic_folder, check_replaceable
 from .flops import count_flops, count_parameters
 
 
@@ -287,7 +288,8 @@ def export_onnx(
         atol (`float`, *optional*, defaults to 1e-4):
             Tolerance of the validation.
         overwrite (`bool`, *optional*, defaults to `False`):
-            Write into a folder that already holds a `model.onnx`.
+            Replace a non-empty folder. The export is written into a temporary sibling folder and swapped in once
+            complete and validated, so the WHOLE folder is replaced (files that are not part of the export go too).
         export_kwargs:
             Passed on to `onnx_export_from_model` (e.g. `optimize="O1"`, `do_constant_folding=False`).
 
@@ -317,25 +319,29 @@ def export_onnx(
         raise ValueError(f"{str(directory)!r} is a file, not a folder; choose a folder path for the ONNX export.")
     if (directory / ONNX_FILE_NAME).exists() and not overwrite:
         raise ValueError(
-            f"{str(directory / ONNX_FILE_NAME)!r} already exists. Choose another folder or pass `overwrite=True`."
+            f"{str(directory / ONNX_FILE_NAME)!r} already exists. Choose another folder or pass `overwrite=True` (the "
+            "whole folder is replaced)."
         )
+    check_replaceable(directory, overwrite=overwrite, what="ONNX export")
     if atol <= 0:
         raise ValueError(f"atol must be positive; got {atol}.")
     task = resolve_task(model, task)
     _check_past_supported(model, task)
-    was_training = model.training
-    model.eval()
-    try:
-        onnx_export_from_model(
-            model, directory, opset=opset, task=task, do_validation=False, monolith=True, **export_kwargs
-        )
-    finally:
-        model.train(was_training)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    if validate:
-        differences = check_onnx_outputs(model, directory, atol=atol)
-        logger.info(f"ONNX export in {directory} matches the PyTorch model (max abs differences {differences}).")
+    # Exported, validated, then swapped in whole: a failed export leaves the previous folder as it was.
+    with atomic_folder(directory, overwrite=overwrite, what="ONNX export") as staging:
+        was_training = model.training
+        model.eval()
+        try:
+            onnx_export_from_model(
+                model, staging, opset=opset, task=task, do_validation=False, monolith=True, **export_kwargs
+            )
+        finally:
+            model.train(was_training)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if validate:
+            differences = check_onnx_outputs(model, staging, atol=atol)
+            logger.info(f"ONNX export of {directory} matches the PyTorch model (max abs differences {differences}).")
     logger.info(f"Exported {type(model).__name__} for {task!r} to {directory}.")
     return directory
 

@@ -42,30 +42,6 @@ class OTORunOutputArguments:
     )
 
 
-def check_pruned_dir(pruned_dir: str | os.PathLike, overwrite: bool) -> None:
-    """Refuses, before any training, a slim-model folder that already holds files (e.g. the slim model of an earlier
-    run), unless `overwrite`: saving into it would otherwise fail only once training is over.
-
-    Example:
-
-    ```python
-    >>> check_pruned_dir("outputs/run/pruned", overwrite=False)  # fine when missing or empty
-    ```
-    """
-    path = Path(pruned_dir)
-    if overwrite or not path.exists():
-        return
-    if not path.is_dir():
-        raise ValueError(f"The slim-model folder {str(path)!r} is a file; choose a folder (--pruned_model_dir).")
-    held = sorted(entry.name for entry in path.iterdir())
-    if held:
-        raise ValueError(
-            f"The slim-model folder {str(path)!r} already holds {', '.join(held[:5])}"
-            f"{' ...' if len(held) > 5 else ''} (a model of an earlier run?). Choose another --output_dir or "
-            "--pruned_model_dir, or pass --overwrite_output_dir to write over it."
-        )
-
-
 def write_run_outputs(
     trainer,
     results: dict[str, Any],

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -21,6 +24,8 @@ from transformers.utils import (
 
 from .callbacks import oto_sparsity_logs, unwrap_optimizer
 from .distributed import check_distributed_support
+from .output_dir import check_output_dir
+from .run_lock import RunLock
 from .training_args import OTOTrainingArguments
 from .zig import ZIGSet, build_zigs
 
@@ -127,7 +132,6 @@ class OTOTrainer(Trainer):
         optim = str(getattr(self.args.optim, "value", self.args.optim))
         if optim not in _DEFAULT_OPTIMS:
             logger.warning(f"OTOTrainer trains with HSPG; `optim={optim}` is ignored (see `oto_variant`).")
-        self._check_output_dir(self.args.output_dir)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
         logger.info(f"OTOTrainer: {self.zigs!r}")
@@ -140,28 +144,59 @@ class OTOTrainer(Trainer):
         """Whether [`OTOTrainer.prune`] has sliced the model."""
         return self.pruning_report is not None
 
-    def _check_output_dir(self, directory: Optional[str]) -> None:
-        """Refuses an output folder that holds a config of a different model, unless `overwrite_output_dir`."""
-        if not directory or self.args.overwrite_output_dir:
-            return
-        config_path = os.path.join(directory, "config.json")
-        if not os.path.isfile(config_path):
-            return
+    def train(
+        self,
+        resume_from_checkpoint: Union[str, bool, None] = None,
+        trial: Any = None,
+        ignore_keys_for_eval: Optional[list[str]] = None,
+        **kwargs: Any,
+    ):
+        """Trains as the `Trainer` does, after checking the output folder and while holding its lock.
+
+        Before any step, [`hf_oto.output_dir.check_output_dir`] refuses an `output_dir` that holds anything but this
+        run's resumable state (checkpoints of another model or run, a saved model, other files), unless
+        `overwrite_output_dir=True`; and [`hf_oto.run_lock.RunLock`] makes this the only run writing into it (a second
+        run on the same folder refuses to start). The main process does both (under DDP the others get its verdict);
+        the lock is released when training ends or fails.
+        """
+        lock = self._claim_output_dir(resume_from_checkpoint, check=trial is None)
         try:
-            with open(config_path, encoding="utf-8") as handle:
-                saved = json.load(handle)
-        except (OSError, ValueError):
-            return
-        config = getattr(self.model, "config", None)
-        ours = {"model_type": getattr(config, "model_type", None), "architectures": [type(self.model).__name__]}
-        theirs = {"model_type": saved.get("model_type"), "architectures": saved.get("architectures")}
-        if theirs["model_type"] != ours["model_type"] or (
-            theirs["architectures"] is not None and theirs["architectures"] != ours["architectures"]
-        ):
-            raise ValueError(
-                f"The output folder {directory!r} holds a different model ({theirs}); this run trains {ours}. Choose "
-                "another `output_dir`, or pass `overwrite_output_dir=True` to write over it."
+            return super().train(
+                resume_from_checkpoint=resume_from_checkpoint,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
             )
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _claim_output_dir(
+        self, resume_from_checkpoint: Union[str, bool, None], check: bool = True
+    ) -> Optional[RunLock]:
+        """Checks `args.output_dir` and takes its lock on the main process; the other processes raise its error."""
+        error: Optional[Exception] = None
+        lock = None
+        if self.is_world_process_zero():
+            try:
+                if check:  # hyper-parameter search trials write into run-<N> subfolders of the same output_dir
+                    check_output_dir(
+                        self.args.output_dir,
+                        overwrite=getattr(self.args, "overwrite_output_dir", False),
+                        resume_from_checkpoint=resume_from_checkpoint,
+                        model=self.model,
+                    )
+                lock = RunLock(self.args.output_dir).acquire()
+            except (ValueError, RuntimeError) as raised:
+                error = raised
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            verdict = [f"{type(error).__name__}: {error}" if error is not None else None]
+            torch.distributed.broadcast_object_list(verdict, src=0)
+            if error is None and verdict[0] is not None:
+                raise RuntimeError(f"The main process refused to train in {self.args.output_dir!r}: {verdict[0]}")
+        if error is not None:
+            raise error
+        return lock
 
     # ------------------------------------------------------------------------------------------------------------
     # Optimizer
@@ -307,7 +342,9 @@ class OTOTrainer(Trainer):
             output_dir (`str`, *optional*):
                 The folder; defaults to `args.output_dir`.
             overwrite (`bool`, *optional*, defaults to `False`):
-                Whether to write over a folder that already holds a different model.
+                Replace a non-empty folder: the whole folder is replaced atomically (files that are not part of the
+                saved model go too, see [`hf_oto.modeling.save_pruned_model`]). For `args.output_dir` itself only the
+                model files are replaced (old weights, shards and indexes deleted); checkpoints and logs stay.
 
         Returns:
             `str`: the folder.
@@ -327,9 +364,36 @@ class OTOTrainer(Trainer):
         directory = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return directory
-        save_pruned_model(self.model, directory, tokenizer=self.processing_class, overwrite=overwrite)
-        self.write_oto_model_card(directory)
+        name = os.path.basename(os.path.abspath(directory))
+
+        def write_card(staging: Path) -> None:
+            self.write_oto_model_card(str(staging), model_name=name)
+
+        if overwrite and os.path.abspath(directory) == os.path.abspath(self.args.output_dir):
+            self._save_pruned_into_output_dir(write_card)
+        else:
+            save_pruned_model(
+                self.model, directory, tokenizer=self.processing_class, overwrite=overwrite, write_extra=write_card
+            )
         return directory
+
+    def _save_pruned_into_output_dir(self, write_card: Any) -> None:
+        """The slim model into `args.output_dir`, which also holds the run's checkpoints and logs: written complete
+        into a temporary sibling folder first, then its files replace those of the same names, after the weights
+        files of any earlier save (weights, shard indexes and shards) are deleted so that none wins at load time."""
+        from .modeling import save_pruned_model
+
+        directory = Path(self.args.output_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{directory.name}.tmp-", dir=directory.absolute().parent) as tmp:
+            staging = Path(tmp) / "model"
+            save_pruned_model(self.model, staging, tokenizer=self.processing_class, write_extra=write_card)
+            _remove_dense_weights(str(directory))
+            for entry in sorted(staging.iterdir()):
+                target = directory / entry.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         """Saves the dense model as the `Trainer` does, or the slim model with [`OTOTrainer.save_pruned_model`] once
@@ -337,8 +401,6 @@ class OTOTrainer(Trainer):
         if not self.is_pruned:
             return super().save_model(output_dir, _internal_call)
         directory = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
-            _remove_dense_weights(directory)
         self.save_pruned_model(directory, overwrite=True)
         if self.args.should_save:
             torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))

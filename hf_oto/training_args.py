@@ -460,6 +460,15 @@ class OTOTrainingArguments(OTOArguments, TrainingArguments):
     ```
     """
 
+    if not hasattr(TrainingArguments, "overwrite_output_dir"):  # removed in transformers 5
+        overwrite_output_dir: bool = field(
+            default=False,
+            metadata={
+                "help": "Train in an output folder that holds other files or another run's checkpoints (see "
+                "hf_oto.output_dir)."
+            },
+        )
+
     def __post_init__(self):
         self._validate_oto_arguments()
         # Before the Trainer's own set-up (which would import DeepSpeed or build an FSDP plugin).

@@ -57,6 +57,8 @@ from transformers.utils import logging
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
 from hf_oto.data.images import ImagePreprocessor, channel_statistics, load_idx_dataset
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
+from hf_oto.output_dir import check_run_dirs
+from hf_oto.run_lock import output_dir_lock
 from hf_oto.run_outputs import OTORunOutputArguments, parse_script_arguments, sparsity_results, write_run_outputs
 
 
@@ -236,7 +238,27 @@ def run(
     logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
     training_args.remove_unused_columns = False  # the transform needs the raw image column
+    model_dir = (
+        os.path.join(training_args.output_dir, "dense")
+        if data_args.dense_baseline
+        else data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned")
+    )
+    # Before any work: another run's checkpoints, model or files in the folders, or a run still using them.
+    check_run_dirs(
+        training_args.output_dir,
+        model_dir,
+        overwrite=getattr(training_args, "overwrite_output_dir", False),
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        require_hspg=not data_args.dense_baseline,
+    )
+    with output_dir_lock(training_args.output_dir, is_main_process=training_args.process_index == 0):
+        return train_prune_and_save(model_args, data_args, training_args, model_dir)
 
+
+def train_prune_and_save(
+    model_args: ModelArguments, data_args: DataArguments, training_args: OTOTrainingArguments, model_dir: str
+) -> tuple[dict, Trainer]:
+    """The run, once its folders are checked and locked; the model goes to `model_dir`."""
     raw = load_raw_datasets(data_args, model_args.cache_dir)
     if training_args.do_train and "train" not in raw:
         raise ValueError("--do_train needs a training split: pass --train_dir (or a dataset with a train split).")
@@ -300,7 +322,7 @@ def run(
         if training_args.do_eval:
             results.update(trainer.evaluate())
             results["eval_samples"] = len(splits["validation"])
-        trainer.save_model(os.path.join(training_args.output_dir, "dense"))
+        trainer.save_model(model_dir)
         trainer.save_metrics("all", results)
         return results, trainer
 
@@ -332,8 +354,8 @@ def run(
     write_run_outputs(
         trainer,
         results,
-        pruned_dir=data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned"),
-        overwrite=training_args.overwrite_output_dir,
+        pruned_dir=model_dir,
+        overwrite=getattr(training_args, "overwrite_output_dir", False),
         export_onnx=data_args.export_onnx,
         dense_reference=dense_reference,
         benchmark_batch_size=data_args.benchmark_batch_size,

@@ -43,6 +43,7 @@ from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
 from hf_oto.data import load_movie_reviews
+from hf_oto.output_dir import check_model_dir
 
 
 logger = logging.get_logger("hf_oto.demo")
@@ -171,8 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.set_verbosity_info()
     output_dir = Path(args.output_dir)
     slim_dir = output_dir / "slim-model"
-    if slim_dir.exists() and any(slim_dir.iterdir()) and not args.overwrite_output_dir:
-        raise SystemExit(f"{slim_dir} already holds a model; pass --overwrite_output_dir to replace it.")
+    check_model_dir(slim_dir, overwrite=args.overwrite_output_dir)  # before training, not after it
 
     folder = minilm_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         args,
         OTOTrainingArguments,
         str(output_dir / "oto"),
+        overwrite_output_dir=args.overwrite_output_dir,
         **args.oto_knobs(),
     )
     trainer = OTOTrainer(

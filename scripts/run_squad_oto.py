@@ -46,13 +46,9 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
-from hf_oto.run_outputs import (
-    OTORunOutputArguments,
-    check_pruned_dir,
-    parse_script_arguments,
-    sparsity_results,
-    write_run_outputs,
-)
+from hf_oto.output_dir import check_run_dirs
+from hf_oto.run_lock import output_dir_lock
+from hf_oto.run_outputs import OTORunOutputArguments, parse_script_arguments, sparsity_results, write_run_outputs
 from hf_oto.squad import (
     postprocess_qa_predictions,
     prepare_eval_features,
@@ -122,8 +118,21 @@ def main(argv: list[str] | None = None) -> dict:
     logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
     pruned_dir = data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned")
-    check_pruned_dir(pruned_dir, training_args.overwrite_output_dir)  # before training, not after it
+    # Before any work: another run's checkpoints, model or files in the folders, or a run still using them.
+    check_run_dirs(
+        training_args.output_dir,
+        pruned_dir,
+        overwrite=getattr(training_args, "overwrite_output_dir", False),
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+    )
+    with output_dir_lock(training_args.output_dir, is_main_process=training_args.process_index == 0):
+        return train_prune_and_save(model_args, data_args, training_args, pruned_dir)
 
+
+def train_prune_and_save(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: OTOTrainingArguments, pruned_dir: str
+) -> dict:
+    """The run, once its folders are checked and locked."""
     raw = load_raw_datasets(data_args, model_args.cache_dir)
     if training_args.do_train and "train" not in raw:
         raise ValueError("--do_train needs a training split: pass --train_file (or a dataset with a train split).")
@@ -228,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         trainer,
         results,
         pruned_dir=pruned_dir,
-        overwrite=training_args.overwrite_output_dir,
+        overwrite=getattr(training_args, "overwrite_output_dir", False),
         tokenizer=tokenizer,
         export_onnx=data_args.export_onnx,
         dense_reference=dense_reference,

@@ -63,7 +63,9 @@ from hf_oto.data.text_classification import (  # noqa: F401  (build_label_list, 
     load_text_classification_splits,
     tokenize_splits,
 )
-from hf_oto.run_outputs import check_pruned_dir, parse_script_arguments, sparsity_results, write_run_outputs
+from hf_oto.output_dir import check_run_dirs
+from hf_oto.run_lock import output_dir_lock
+from hf_oto.run_outputs import parse_script_arguments, sparsity_results, write_run_outputs
 
 
 logger = logging.get_logger("hf_oto.run_text_classification_oto")
@@ -83,8 +85,22 @@ def run(
     logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
     pruned_dir = data_args.pruned_model_dir or os.path.join(training_args.output_dir, "pruned")
-    check_pruned_dir(pruned_dir, training_args.overwrite_output_dir)  # before training, not after it
+    overwrite = getattr(training_args, "overwrite_output_dir", False)
+    # Before any work: another run's checkpoints, model or files in the folders, or a run still using them.
+    check_run_dirs(
+        training_args.output_dir,
+        pruned_dir,
+        overwrite=overwrite,
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+    )
+    with output_dir_lock(training_args.output_dir, is_main_process=training_args.process_index == 0):
+        return train_prune_and_save(model_args, data_args, training_args, pruned_dir)
 
+
+def train_prune_and_save(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: OTOTrainingArguments, pruned_dir: str
+) -> tuple[dict, OTOTrainer]:
+    """The run, once its folders are checked and locked."""
     # Data checks first: everything here fails in seconds, before the model is loaded or trained.
     data = load_text_classification_splits(
         data_args, model_args.cache_dir, do_eval=training_args.do_eval, do_predict=training_args.do_predict
@@ -163,7 +179,7 @@ def run(
         trainer,
         results,
         pruned_dir=pruned_dir,
-        overwrite=training_args.overwrite_output_dir,
+        overwrite=getattr(training_args, "overwrite_output_dir", False),
         tokenizer=tokenizer,
         export_onnx=data_args.export_onnx,
         dense_reference=dense_reference,

@@ -81,7 +81,9 @@ from hf_oto.data.text_classification import (
 )
 from hf_oto.distributed import check_distributed_support
 from hf_oto.model_card import write_model_card
-from hf_oto.run_outputs import check_pruned_dir, finish_run_outputs, parse_script_arguments, sparsity_results
+from hf_oto.output_dir import check_run_dirs
+from hf_oto.run_lock import output_dir_lock
+from hf_oto.run_outputs import finish_run_outputs, parse_script_arguments, sparsity_results
 from hf_oto.trainer import auto_class_name, hspg_param_groups, prune_and_check
 from hf_oto.training_args import OTOArguments
 
@@ -220,20 +222,6 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> Path:
     return path
 
 
-def check_output_dir(loop_args: LoopArguments, pruned_dir: str) -> None:
-    """Refuses, before training, an output folder holding another run (checkpoints or a slim model), unless
-    resuming or `--overwrite_output_dir`."""
-    check_pruned_dir(pruned_dir, loop_args.overwrite_output_dir)
-    if loop_args.resume_from_checkpoint is None and not loop_args.overwrite_output_dir:
-        checkpoints = complete_checkpoints(loop_args.output_dir)
-        if checkpoints:
-            raise ValueError(
-                f"The output folder {loop_args.output_dir!r} already holds checkpoints of a run (up to "
-                f"{checkpoints[-1].name}). Pass --resume_from_checkpoint latest to continue it, "
-                "--overwrite_output_dir to start afresh (its checkpoints are deleted), or choose another --output_dir."
-            )
-
-
 def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> Path:
     """`accelerator.save_state` into a temporary folder, renamed to `step_<step>` once every process has written
     its part: a job killed while saving leaves the previous checkpoints intact."""
@@ -307,7 +295,28 @@ def run(
     logger.info(f"{accelerator.state}")
 
     pruned_dir = data_args.pruned_model_dir or os.path.join(loop_args.output_dir, "pruned")
-    check_output_dir(loop_args, pruned_dir)
+    # Before any work: another run's checkpoints, model or files in the folders, or a run still using them. This
+    # script's resumable state is its `checkpoints/` folder.
+    check_run_dirs(
+        loop_args.output_dir,
+        pruned_dir,
+        overwrite=loop_args.overwrite_output_dir,
+        resume_from_checkpoint=loop_args.resume_from_checkpoint,
+        run_entries=(CHECKPOINTS,),
+    )
+    with output_dir_lock(loop_args.output_dir, is_main_process=accelerator.is_main_process):
+        return train_prune_and_save(accelerator, model_args, data_args, oto_args, loop_args, pruned_dir)
+
+
+def train_prune_and_save(
+    accelerator: Accelerator,
+    model_args: ModelArguments,
+    data_args: DataTrainingArguments,
+    oto_args: OTOArguments,
+    loop_args: LoopArguments,
+    pruned_dir: str,
+) -> dict[str, Any]:
+    """The run, once its folders are checked and (on the main process) locked."""
     checkpoint = (
         resolve_checkpoint(loop_args.resume_from_checkpoint, loop_args.output_dir)
         if loop_args.resume_from_checkpoint

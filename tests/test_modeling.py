@@ -105,17 +105,58 @@ def test_overwrite_protection(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not empty.*overwrite=True"):
+    with pytest.raises(ValueError, match="not empty.*overwrite=True.*whole folder is replaced"):
         save_pruned_model(slim, folder)
     assert not (folder / "config.json").exists()
     save_pruned_model(slim, folder, overwrite=True)
-    assert (folder / "notes.txt").read_text() == "mine"
+    assert not (folder / "notes.txt").exists()  # overwrite=True replaces the whole folder, as documented
     save_pruned_model(slim, folder, overwrite=True)  # again, over its own files
     torch.testing.assert_close(
         run(load_pruned_model(folder, type(slim)), tiny_inputs(slim)), run(slim, tiny_inputs(slim))
     )
+    (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a folder"):
-        save_pruned_model(slim, folder / "notes.txt", overwrite=True)
+        save_pruned_model(slim, tmp_path / "notes.txt", overwrite=True)
+
+
+@pytest.mark.parametrize("stale", ["single_safetensors", "sharded_index"])
+def test_overwrite_leaves_no_stale_weights_that_win_at_load_time(tmp_path, stale):
+    """An old `model.safetensors` (or shard index and shards) would be loaded instead of a new `pytorch_model.bin` or
+    single file if it survived the overwrite."""
+    old, new = pruned("bert", seed=0), pruned("bert", seed=1)
+    folder = tmp_path / "slim"
+    if stale == "single_safetensors":
+        save_pruned_model(old, folder)
+        save_pruned_model(new, folder, overwrite=True, safe_serialization=False)
+        assert sorted(p.name for p in folder.glob("*.safetensors")) == [] and (folder / "pytorch_model.bin").is_file()
+    else:
+        old.save_pretrained(folder, max_shard_size="20KB")
+        assert (folder / "model.safetensors.index.json").is_file()
+        save_pruned_model(new, folder, overwrite=True)
+        assert not (folder / "model.safetensors.index.json").exists()
+        assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
+    reloaded = load_pruned_model(folder, AutoModelForSequenceClassification)
+    torch.testing.assert_close(run(reloaded, tiny_inputs(new)), run(new, tiny_inputs(new)), atol=0, rtol=0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["slim"]  # no temporary or backup folder left
+
+
+def test_a_save_failing_mid_way_leaves_the_previous_folder_intact(tmp_path, monkeypatch):
+    old, new = pruned("bert", seed=0), pruned("bert", seed=1)
+    folder = tmp_path / "slim"
+    save_pruned_model(old, folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    def fail_after_the_weights(model, directory, *args, **kwargs):
+        (directory / "model.safetensors").write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(new), "save_pretrained", fail_after_the_weights)
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned_model(new, folder, overwrite=True)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["slim"]  # the temporary folder is gone
+    reloaded = load_pruned_model(folder, AutoModelForSequenceClassification)
+    torch.testing.assert_close(run(reloaded, tiny_inputs(old)), run(old, tiny_inputs(old)), atol=0, rtol=0)
 
 
 def test_mismatched_layout_names_the_tensor(tmp_path):

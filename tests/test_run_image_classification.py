@@ -159,3 +159,31 @@ def test_preprocessor_pads_resizes_and_normalises():
     assert torch.allclose(resized["pixel_values"], torch.full((1, 3, 32, 32), -2.0))
     with pytest.raises(ValueError, match="need 1 values"):
         ImagePreprocessor("image", "label", 32, 1, [0.5, 0.5], [1.0])
+
+
+def test_folders_of_an_earlier_run_are_refused_before_any_work(tmp_path):
+    """The slim-model folder, a plain Trainer's checkpoints in the output folder and a live run's lock are all
+    refused at the start: the IDX folder does not even exist, so any data loading or training would fail first."""
+    import os
+    import socket
+
+    script = load_script()
+    output = tmp_path / "out"
+    argv = [
+        "--architecture", "vgg16_bn", "--idx_dir", str(tmp_path / "missing"), "--output_dir", str(output),
+        "--do_train", *COMMON_ARGS,
+    ]  # fmt: skip
+    (output / "pruned").mkdir(parents=True)
+    (output / "pruned" / "model.safetensors").write_bytes(b"an earlier slim model")
+    with pytest.raises(ValueError, match=r"slim-model folder .*pruned' already holds model\.safetensors"):
+        script.main(argv)
+    (output / "pruned" / "model.safetensors").unlink()
+    (output / "checkpoint-3").mkdir()
+    (output / "checkpoint-3" / "optimizer.pt").write_bytes(b"not HSPG")
+    with pytest.raises(ValueError, match=r"checkpoint-3 \(not an HSPG optimizer state"):
+        script.main([*argv, "--resume_from_checkpoint", str(output / "checkpoint-3")])
+    (output / "checkpoint-3" / "optimizer.pt").unlink()
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "started": "now", "command": "another run"}
+    (output / "_hf_oto_run.lock").write_text(json.dumps(holder))
+    with pytest.raises(RuntimeError, match=rf"in use by the run with pid {os.getppid()}"):
+        script.main(argv)

@@ -63,6 +63,22 @@ def test_run_squad_oto_end_to_end(tmp_path):
     assert sum(p.numel() for p in reloaded.parameters()) == written["params"]
 
 
+def test_an_output_folder_holding_another_model_is_refused_before_any_work(tmp_path):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    (output_dir / "model.safetensors").write_bytes(b"another model")
+    argv = [
+        "--model_name_or_path", str(tmp_path / "no-model"), "--train_file", str(tmp_path / "no-data.json"),
+        "--output_dir", str(output_dir), "--do_train", "--report_to", "none", "--use_cpu",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"not this run's resumable state: config\.json, model\.safetensors"):
+        load_script().main(argv)
+    with pytest.raises(ValueError, match=r"--pruned_model_dir .* is or contains the output folder"):
+        load_script().main([*argv, "--overwrite_output_dir", "--pruned_model_dir", str(output_dir)])
+    assert sorted(path.name for path in output_dir.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_not_a_squad_file_gets_a_clear_error(tmp_path):
     model_dir = write_tiny_qa_model(tmp_path / "model")
     bad = tmp_path / "bad.json"

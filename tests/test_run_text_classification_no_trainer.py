@@ -191,9 +191,13 @@ def test_output_dir_of_another_run_is_refused(tmp_path, job):
     output_dir = tmp_path / "out"
     (output_dir / "checkpoints" / "step_6").mkdir(parents=True)
     with pytest.raises(
-        ValueError, match=r"already holds checkpoints of a run \(up to step_6\).*--resume_from_checkpoint"
+        ValueError, match=r"holds the state of an earlier run \(checkpoints\).*--resume_from_checkpoint"
     ):
         script.main(arguments(job, output_dir, "--max_steps", "2"))
+    (output_dir / "notes.txt").write_text("not ours")
+    with pytest.raises(ValueError, match=r"not this run's resumable state: notes\.txt.*--overwrite_output_dir"):
+        script.main(arguments(job, output_dir, "--max_steps", "2", "--resume_from_checkpoint", "latest"))
+    (output_dir / "notes.txt").unlink()
     (output_dir / "pruned").mkdir()
     (output_dir / "pruned" / "model.safetensors").write_bytes(b"an earlier slim model")
     with pytest.raises(ValueError, match=r"slim-model folder .*pruned' already holds model.safetensors"):

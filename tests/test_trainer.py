@@ -160,11 +160,67 @@ def test_bad_exclude_pattern_fails_at_construction(tmp_path):
         OTOTrainer(tiny_model("bert"), oto_args(tmp_path, oto_exclude=["*.decoder.*"]))
 
 
-def test_output_dir_holding_another_model_is_refused(tmp_path):
+def test_output_dir_holding_another_model_is_refused_before_training(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ValueError, match="holds a different model"):
-        OTOTrainer(tiny_model("bert"), oto_args(tmp_path))
-    OTOTrainer(tiny_model("bert"), oto_args(tmp_path, overwrite_output_dir=True))
+    trainer = OTOTrainer(tiny_model("bert"), oto_args(tmp_path, max_steps=2), train_dataset=random_dataset(8))
+    with pytest.raises(ValueError, match=r"not this run's resumable state: config\.json.*overwrite_output_dir=True"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and sorted(os.listdir(tmp_path)) == ["config.json"]
+    trainer = OTOTrainer(
+        tiny_model("bert"), oto_args(tmp_path, max_steps=2, overwrite_output_dir=True), train_dataset=random_dataset(8)
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_checkpoints_of_another_run_survive_save_total_limit(tmp_path):
+    """Checkpoint rotation deletes every old `checkpoint-*` of the folder: another model's checkpoints, and this
+    model's without an explicit resume, refuse the run before any step instead."""
+    data = random_dataset(8)
+    overrides = dict(max_steps=4, save_strategy="steps", save_steps=1, save_total_limit=1)
+    first = OTOTrainer(tiny_model("bert"), oto_args(tmp_path / "bert", **overrides), train_dataset=data)
+    first.train()
+    assert sorted(os.listdir(tmp_path / "bert")) == ["checkpoint-4"]
+    assert not (tmp_path / "bert" / "_hf_oto_run.lock").exists()  # released; never inside a checkpoint
+    assert not any("lock" in name for name in os.listdir(tmp_path / "bert" / "checkpoint-4"))
+
+    other = OTOTrainer(tiny_model("distilbert"), oto_args(tmp_path / "bert", **overrides), train_dataset=data)
+    for resume in (None, True):
+        with pytest.raises(ValueError, match=r"checkpoint-4 \(a checkpoint of BertForSequenceClassification, not of"):
+            other.train(resume_from_checkpoint=resume)
+    again = OTOTrainer(tiny_model("bert"), oto_args(tmp_path / "bert", **overrides), train_dataset=data)
+    with pytest.raises(ValueError, match=r"state of an earlier run \(checkpoint-4\).*--resume_from_checkpoint"):
+        again.train()
+    assert sorted(os.listdir(tmp_path / "bert")) == ["checkpoint-4"]
+    again.train(resume_from_checkpoint=True)  # the allowed path: resuming its own checkpoints
+    assert again.state.global_step == 4
+
+
+def test_a_second_run_on_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    lock_file = tmp_path / "_hf_oto_run.lock"
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "started": "2024-01-01T00:00:00", "command": "x"}
+    lock_file.write_text(json.dumps(holder))  # a live run: our parent process
+    trainer = OTOTrainer(tiny_model("bert"), oto_args(tmp_path, max_steps=2), train_dataset=random_dataset(8))
+    with pytest.raises(RuntimeError, match=rf"in use by the run with pid {os.getppid()}"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and json.loads(lock_file.read_text()) == holder
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_file.write_text(json.dumps({**holder, "pid": dead.pid}))  # a killed run's lock
+    seen = {}
+
+    def step_and_look(*args, **kwargs):
+        seen["holder"] = json.loads(lock_file.read_text())
+        raise KeyboardInterrupt  # training fails mid-way: the lock is released all the same
+
+    with mock.patch.object(Trainer, "training_step", side_effect=step_and_look), pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert seen["holder"]["pid"] == os.getpid() and not lock_file.exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
