@@ -22,6 +22,7 @@ import torch
 from torch.optim import Optimizer
 from transformers.utils import logging
 
+from .._checks import require_finite
 from ..costs import GroupCosts
 from ..zig.groups import ZIGSet
 from .target import MODES, PruningTarget, Schedule, TargetSelection
@@ -164,6 +165,10 @@ class HSPG(Optimizer):
     exactly as they were (a NaN would otherwise reach the group norms and, through the moments, every later step),
     and `skipped_steps` counts it, as `torch.amp.GradScaler` skips a step on an fp16 overflow. The `Trainer` and
     Accelerate do not see this skip (they do see the `GradScaler`'s): their learning-rate schedule still advances.
+
+    **Non-finite hyper-parameters** (NaN or inf `lr`, `lmbda`, `weight_decay`, `eps`, ...) are refused with a
+    `ValueError` at construction and, if a scheduler or your code writes one into a param group later, by `step()`
+    before anything is updated.
 
     **Data parallel.** Under DDP every rank holds the whole parameters and the same all-reduced gradients, so every
     rank takes the identical step and zeroes the identical groups. Sharded parameters (FSDP, DeepSpeed ZeRO) are
@@ -496,6 +501,10 @@ class HSPG(Optimizer):
                 loss = closure()
 
         count = self.step_count
+        for index, group in enumerate(self.param_groups):
+            # A scheduler or the user may have written a NaN into a group since the last step: refuse it before
+            # anything is touched rather than write NaN into every parameter.
+            _validate_hyperparameters(group, where=f" of param group {index} at step {count} (nothing was updated)")
         if self.param_groups[0]["skip_nonfinite"] and self._skip_nonfinite(count):
             return loss
         half_space = count >= self.init_steps
@@ -1017,7 +1026,19 @@ def _materialise(params: Any) -> list[dict[str, Any]] | list[torch.Tensor]:
     return groups if isinstance(items[0], dict) else groups[0]["params"]
 
 
+_FLOAT_HYPERPARAMETERS = ("lr", "lmbda", "epsilon", "momentum", "eps", "weight_decay")
+"""The float hyper-parameters of a param group, all of which must be finite."""
+
+
 def _validate_hyperparameters(values: dict[str, Any], where: str) -> None:
+    """Refuses NaN / infinite and out-of-range hyper-parameters of the defaults or of one param group."""
+    for name in _FLOAT_HYPERPARAMETERS:
+        require_finite(name, values[name], where)
+    betas = values["betas"]
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas{where}: {betas}; pass two coefficients, each in [0, 1).")
+    for index, beta in enumerate(betas):
+        require_finite(f"betas[{index}]", beta, where)
     if values["lr"] < 0:
         raise ValueError(f"Invalid learning rate{where}: {values['lr']}; it must be >= 0.")
     if values["lmbda"] < 0:
@@ -1028,8 +1049,7 @@ def _validate_hyperparameters(values: dict[str, Any], where: str) -> None:
         raise ValueError(f"Invalid momentum{where}: {values['momentum']}; it must be in [0, 1).")
     if values["nesterov"] and values["momentum"] <= 0:
         raise ValueError(f"Nesterov momentum needs momentum > 0{where}; got momentum={values['momentum']}.")
-    betas = values["betas"]
-    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+    if not all(0.0 <= beta < 1.0 for beta in betas):
         raise ValueError(f"Invalid betas{where}: {betas}; pass two coefficients, each in [0, 1).")
     if values["eps"] < 0:
         raise ValueError(f"Invalid eps{where}: {values['eps']}; it must be >= 0.")
