@@ -12,6 +12,7 @@ import torch
 
 from hf_oto import build_zigs
 from hf_oto.optim import HSPG, PruningTarget
+from hf_oto.trainer import hspg_param_groups
 from hf_oto.training_args import OTOTrainingArguments
 from tests.test_hspg import SETTINGS, lm_loss, single_thread, train, trainer_param_groups  # noqa: F401 (autouse)
 from tests.test_hspg_target import target_hspg
@@ -31,6 +32,93 @@ def hspg_warnings(caplog):
 
 def finite(model: torch.nn.Module) -> bool:
     return all(bool(param.isfinite().all()) for param in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load_state_dict: membership and settings come from this run; foreign state is refused
+# ----------------------------------------------------------------------------------------------------------------
+def trained_state(variant: str = "adamw", steps: int = 3, **kwargs) -> tuple[torch.nn.Module, HSPG]:
+    model = tiny_model("bert")
+    optimizer = HSPG(trainer_param_groups(model, 0.01), build_zigs(model), **{**SETTINGS[variant], **kwargs})
+    train(model, optimizer, steps)
+    return model, optimizer
+
+
+@pytest.mark.parametrize(
+    "torch_optimizer, name",
+    [
+        (torch.optim.AdamW, "torch.optim.AdamW"),
+        (torch.optim.Adam, "torch.optim.Adam"),
+        (torch.optim.SGD, "torch.optim.SGD"),
+    ],
+)
+def test_state_of_another_optimizer_is_refused(torch_optimizer, name):
+    model = tiny_model("bert")
+    other = torch_optimizer(trainer_param_groups(model, 0.01), lr=1e-3)
+    train(model, other, 2)
+    optimizer = HSPG(trainer_param_groups(model, 0.01), build_zigs(model))
+    with pytest.raises(ValueError, match=rf"saved by {name}.*not HSPG.*delete `optimizer.pt`"):
+        optimizer.load_state_dict(other.state_dict())
+    assert optimizer.step_count == 0 and not optimizer.state
+
+
+@pytest.mark.parametrize(
+    "zig_kwargs, message",
+    [
+        (dict(exclude=["*.layer.0.*"]), "'bert.encoder.layer.0.attention.self.query.weight' is a member of family 0"),
+        (dict(families=["heads"]), "other zero-invariant groups: 'bert.encoder.layer.0.intermediate.dense.weight'"),
+    ],
+)
+def test_state_for_other_groups_is_refused(zig_kwargs, message):
+    model, saved = trained_state()
+    optimizer = HSPG(trainer_param_groups(model, 0.01), build_zigs(model, **zig_kwargs), **SETTINGS["adamw"])
+    membership = [list(group["zig_family"]) for group in optimizer.param_groups]
+    with pytest.raises(ValueError, match=message):
+        optimizer.load_state_dict(saved.state_dict())
+    assert [list(group["zig_family"]) for group in optimizer.param_groups] == membership
+
+
+def test_state_for_other_parameters_mode_or_variant_is_refused():
+    model, saved = trained_state()
+    state = saved.state_dict()
+    zigs = build_zigs(model)
+    one_group = HSPG(model.parameters(), zigs, **SETTINGS["adamw"])
+    with pytest.raises(ValueError, match="has 2 param groups, this HSPG has 1"):
+        one_group.load_state_dict(state)
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    fewer = HSPG(hspg_param_groups(model, 0.01), zigs, **SETTINGS["adamw"])
+    with pytest.raises(ValueError, match="Param group 0 .* has 23 parameters, this HSPG's has 22"):
+        fewer.load_state_dict(state)
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+    sgd = HSPG(trainer_param_groups(model, 0.01), zigs, **SETTINGS["sgd"])
+    with pytest.raises(ValueError, match="saved with variant='adamw'; this run uses variant='sgd'"):
+        sgd.load_state_dict(state)
+    _, target = target_hspg(model, zigs)
+    with pytest.raises(ValueError, match="saved with mode='paper'; this run uses mode='target'"):
+        target.load_state_dict(HSPG(model.parameters(), zigs).state_dict())
+    bigger = copy.deepcopy(state)
+    first = bigger["param_groups"][0]["params"][0]  # the word embeddings
+    bigger["state"][first]["exp_avg"] = torch.zeros(5, 32)
+    with pytest.raises(ValueError, match=r"exp_avg of shape \(5, 32\) for 'bert.embeddings.word_embeddings.weight'"):
+        HSPG(trainer_param_groups(model, 0.01), zigs, **SETTINGS["adamw"]).load_state_dict(bigger)
+
+
+def test_settings_come_from_this_run_and_the_trajectory_from_the_checkpoint(hspg_warnings):
+    model, saved = trained_state(lmbda=1.0, init_steps=10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(saved, lambda step: 0.5)
+    state = copy.deepcopy(saved.state_dict())
+    optimizer = HSPG(trainer_param_groups(model, 0.01), build_zigs(model), **{**SETTINGS["adamw"], "lmbda": 2.0})
+    optimizer.load_state_dict(state)
+    assert optimizer.step_count == 3 and optimizer.init_steps == 0
+    for group, old in zip(optimizer.param_groups, saved.param_groups):
+        assert group["lmbda"] == 2.0 and group["lr"] == old["lr"] == 5e-3 and group["initial_lr"] == 1e-2
+    pooler = model.bert.pooler.dense.weight
+    index = [id(param) for group in optimizer.param_groups for param in group["params"]].index(id(pooler))
+    assert torch.equal(optimizer.state[pooler]["exp_avg"], state["state"][index]["exp_avg"])
+    (message,) = hspg_warnings()
+    assert "this run's settings" in message and "init_steps=0 (checkpoint: 10)" in message
+    assert "lmbda=2.0 (checkpoint: 1.0)" in message
+    del scheduler
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,7 +180,10 @@ class HSPG(Optimizer):
     lists parallel to `group["params"]`: `"zig_family"` (family index, `-1` outside the ZIGs), `"zig_dim"` and
     `"zig_num_groups"`. Membership is computed once at construction by matching tensors, so the optimizer survives
     Accelerate swapping the parameter objects and `state_dict()` / `load_state_dict()` resumes the identical
-    trajectory. Parameter groups added later with `add_param_group` are treated as outside the ZIGs.
+    trajectory. `load_state_dict()` takes the membership and the settings from the optimizer as constructed and only
+    the trajectory (per-parameter state, step counters, `lr`) from the checkpoint; it refuses the state of another
+    optimizer or of other groups (see [`HSPG.load_state_dict`]). Parameter groups added later with
+    `add_param_group` are treated as outside the ZIGs.
 
     Args:
         params (`Iterable`):
@@ -317,13 +320,14 @@ class HSPG(Optimizer):
             max_group_sparsity=max_group_sparsity,
             max_family_sparsity=max_family_sparsity,
             skip_nonfinite=bool(skip_nonfinite),
+            mode=mode,
         )
         _validate_hyperparameters(defaults, where="")
         param_groups = _materialise(params)
         super().__init__(param_groups, defaults)
         for index, group in enumerate(self.param_groups):
             _validate_hyperparameters(group, where=f" (param group {index})")
-            for key in ("init_steps", "max_group_sparsity", "max_family_sparsity", "variant", "skip_nonfinite"):
+            for key in _OPTIMIZER_WIDE:
                 if group[key] != defaults[key]:
                     raise ValueError(
                         f"{key} is optimizer-wide: param group {index} sets {key}={group[key]!r} but the optimizer "
@@ -438,11 +442,126 @@ class HSPG(Optimizer):
             group.setdefault("max_group_sparsity", None)
             group.setdefault("max_family_sparsity", None)
             group.setdefault("skip_nonfinite", True)
+            group.setdefault("mode", "paper")
             group.setdefault("zig_family", [-1] * count)
             group.setdefault("zig_dim", [-1] * count)
             group.setdefault("zig_num_groups", [0] * count)
             group.setdefault("step_count", 0)
             group.setdefault("skipped_steps", 0)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Resuming
+    # ------------------------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the trajectory of a checkpoint of this optimizer, for the zero-invariant groups of this run.
+
+        `torch.optim.Optimizer.load_state_dict` would replace every param-group key with the checkpoint's, including
+        the ZIG membership; HSPG splits them:
+
+        - **From this run** (the optimizer as constructed): the ZIG membership of every parameter (`zig_family`,
+          `zig_dim`, `zig_num_groups`), `mode`, `variant` and every other HSPG setting (`lmbda`, `epsilon`,
+          `weight_decay`, `betas`, `eps`, `momentum`, `nesterov`, `init_steps`, the sparsity bounds,
+          `skip_nonfinite`), so that what is penalised, projected and pruned is what this run's arguments say. A
+          setting whose value differs from the checkpoint's is logged.
+        - **From the checkpoint**: the per-parameter state (`exp_avg`, `exp_avg_sq`, `momentum_buffer`, `step`, the
+          target mode's saliency and ramps), the step counters `step_count` and `skipped_steps`, the learning rate
+          `lr` and the keys HSPG does not own (`initial_lr` and whatever else a scheduler keeps in the groups). The
+          learning rate belongs to the trajectory: a scheduler writes it into the groups at each of its steps and, on
+          resume (`Trainer`, `Accelerator.load_state`), restores only its own counters, so the first step after
+          resuming must use the checkpoint's `lr` (as with any torch optimizer).
+
+        Args:
+            state_dict (`dict`):
+                A state dict returned by `HSPG.state_dict()`.
+
+        Raises:
+            `ValueError`: if `state_dict` was saved by another optimizer (e.g. the `AdamW` of a plain `Trainer`
+            checkpoint), or for other zero-invariant groups (other `oto_families`/`oto_exclude`, another model),
+            another `mode` or `variant`, or other parameters (number per param group, shapes). Loading it would either
+            train without the groups of this run or restore state that does not belong to them; the message says how
+            to start the optimizer fresh instead.
+        """
+        self._check_loadable(state_dict)
+        owned = set(self.defaults) | set(_MEMBERSHIP) | set(_COUNTERS)
+        ours = [
+            {key: group[key] for key in owned if key in group and key not in _FROM_CHECKPOINT}
+            for group in self.param_groups
+        ]
+        super().load_state_dict(state_dict)
+        changed: dict[str, tuple[Any, Any]] = {}
+        for group, constructed in zip(self.param_groups, ours):
+            for key, value in constructed.items():
+                if key not in _MEMBERSHIP and group.get(key) != value:
+                    changed.setdefault(key, (group.get(key), value))
+                group[key] = value
+        if changed:
+            listed = ", ".join(f"{key}={new!r} (checkpoint: {old!r})" for key, (old, new) in sorted(changed.items()))
+            logger.warning(f"HSPG resumes with this run's settings, which differ from the checkpoint's: {listed}.")
+
+    def _check_loadable(self, state_dict: Any) -> None:
+        """Raises a `ValueError` naming the difference if `state_dict` is not HSPG state for this run's ZIGs."""
+        saved_groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if not isinstance(saved_groups, list) or not isinstance(state_dict.get("state"), Mapping):
+            raise ValueError(
+                f"HSPG.load_state_dict expects the dict of `optimizer.state_dict()`; got {type(state_dict).__name__}."
+            )
+        if not saved_groups or any(
+            not isinstance(group, Mapping) or "zig_family" not in group for group in saved_groups
+        ):
+            raise ValueError(
+                f"The checkpoint's optimizer state was saved by {_describe_optimizer(saved_groups)}, not HSPG: it has "
+                "no zero-invariant groups, and resuming from it would train this run without them. " + _START_FRESH
+            )
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"The checkpoint's optimizer state has {len(saved_groups)} param groups, this HSPG has "
+                f"{len(self.param_groups)} (e.g. weight decay switched on or off, or another model). " + _START_FRESH
+            )
+        names = {id(param): name for name, param in self.zigs.model.named_parameters()}
+        for key in _STRUCTURAL:
+            saved = saved_groups[0].get(key)
+            if saved is not None and saved != self.param_groups[0][key]:
+                raise ValueError(
+                    f"The checkpoint's optimizer state was saved with {key}={saved!r}; this run uses "
+                    f"{key}={self.param_groups[0][key]!r}, under which that state means something else. Resume with "
+                    f"{key}={saved!r}, or: " + _START_FRESH
+                )
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"Param group {index} of the checkpoint's optimizer state has {len(saved['params'])} parameters, "
+                    f"this HSPG's has {len(group['params'])} (another model, or other parameters frozen). "
+                    + _START_FRESH
+                )
+            for position, param in enumerate(group["params"]):
+                theirs = tuple(saved[key][position] for key in _MEMBERSHIP)
+                mine = tuple(group[key][position] for key in _MEMBERSHIP)
+                name = names.get(id(param), f"parameter {position} of param group {index}")
+                if theirs != mine:
+                    raise ValueError(
+                        f"The checkpoint's optimizer state was saved for other zero-invariant groups: {name!r} is "
+                        f"{self._describe_membership(theirs, 'checkpoint')} in it, and "
+                        f"{self._describe_membership(mine, 'run')} in this run (other `oto_families`/`oto_exclude` "
+                        "or `families`/`exclude` of `build_zigs`, other frozen parameters, or another model). Resume "
+                        "with the groups of the checkpoint, or: " + _START_FRESH
+                    )
+                state = state_dict["state"].get(saved["params"][position], {})
+                for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                    value = state.get(key)
+                    if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                        raise ValueError(
+                            f"The checkpoint's optimizer state holds a {key} of shape {tuple(value.shape)} for "
+                            f"{name!r}, of shape {tuple(param.shape)} in this run: it was saved for another model. "
+                            + _START_FRESH
+                        )
+
+    def _describe_membership(self, membership: tuple[int, int, int], where: str) -> str:
+        family, dim, num_groups = membership
+        if family < 0:
+            return "outside the zero-invariant groups"
+        known = where == "run" and family < len(self.zigs.families)
+        label = f"family {family} ({self.zigs.families[family].name!r})" if known else f"family {family}"
+        return f"a member of {label}, split along dim {dim} into {num_groups} groups"
 
     # ------------------------------------------------------------------------------------------------------------
     # Read-only helpers
@@ -1026,8 +1145,38 @@ def _materialise(params: Any) -> list[dict[str, Any]] | list[torch.Tensor]:
     return groups if isinstance(items[0], dict) else groups[0]["params"]
 
 
+_OPTIMIZER_WIDE = ("init_steps", "max_group_sparsity", "max_family_sparsity", "variant", "skip_nonfinite", "mode")
+"""Param-group keys that must be the same in every group (pass them to `HSPG(...)`)."""
+_MEMBERSHIP = ("zig_family", "zig_dim", "zig_num_groups")
+"""The param-group lists, parallel to `params`, that place each parameter in the zero-invariant groups."""
+_STRUCTURAL = ("mode", "variant")
+"""Settings a checkpoint's state only means something under (the target mode's scores and ramps, Adam moments or a
+momentum buffer): a state saved under other values is refused by `load_state_dict`."""
+_COUNTERS = ("step_count", "skipped_steps")
+_FROM_CHECKPOINT = ("lr", *_COUNTERS)
+"""The HSPG param-group keys `load_state_dict` takes from the checkpoint (the others come from this run)."""
 _FLOAT_HYPERPARAMETERS = ("lr", "lmbda", "epsilon", "momentum", "eps", "weight_decay")
 """The float hyper-parameters of a param group, all of which must be finite."""
+
+
+_START_FRESH = (
+    "To keep the model weights and start the optimizer fresh: with the `Trainer`, delete `optimizer.pt` from the "
+    "checkpoint folder (the Trainer then restores the weights and the training state, and starts the optimizer and "
+    "the learning-rate schedule anew, since it reads `scheduler.pt` only together with `optimizer.pt`), or load the "
+    "checkpoint's weights with `from_pretrained` and start a new run; in a loop of your own, load the model weights "
+    "and skip `optimizer.load_state_dict`."
+)
+
+
+def _describe_optimizer(groups: list[Any]) -> str:
+    """A best guess at the optimizer class that saved param groups `groups` (from their keys)."""
+    keys = {key for group in groups if isinstance(group, Mapping) for key in group} - {"params", "param_names"}
+    if {"betas", "amsgrad"} <= keys:
+        decoupled = groups[0].get("decoupled_weight_decay")
+        return {True: "torch.optim.AdamW", False: "torch.optim.Adam"}.get(decoupled, "torch.optim.Adam or AdamW")
+    if "dampening" in keys:
+        return "torch.optim.SGD"
+    return f"another optimizer (param-group keys {sorted(keys)})"
 
 
 def _validate_hyperparameters(values: dict[str, Any], where: str) -> None:
