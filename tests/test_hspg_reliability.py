@@ -192,3 +192,90 @@ def test_a_non_finite_lr_set_later_is_refused_by_step(variant):
         optimizer.step()
     assert optimizer.step_count == 2
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# float16 / bfloat16
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["adamw", "sgd"])
+def test_low_precision_models_stay_finite_and_zero_groups_stay_zero(dtype, variant):
+    model = tiny_model("bert").to(dtype)
+    zigs = build_zigs(model)
+    zeroed = zigs.random_zero_mask(0.3, generator=torch.Generator().manual_seed(0))
+    zigs.set_zero(zeroed)
+    optimizer = HSPG(model.parameters(), zigs, **{**SETTINGS[variant], "lmbda": 0.5})
+    for step in range(8):
+        optimizer.zero_grad()
+        loss = lm_loss(model, seed=step % 4)
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss) and finite(model), step
+        assert bool(zigs.zero_mask()[zeroed].all()), step
+    assert optimizer.skipped_steps == 0 and zigs.num_zero_groups() >= int(zeroed.sum())
+    if variant == "adamw":  # the moments are float32
+        assert all(state["exp_avg_sq"].dtype == torch.float32 for state in optimizer.state.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_adamw_matches_torch_fused_adamw_and_stays_finite(dtype):
+    """lmbda = 0 outside the half-space stage is AdamW. With zero and tiny gradient rows, torch's foreach AdamW turns a
+    float16 parameter into NaN (eps = 1e-8 rounds to 0); HSPG computes, like torch's fused AdamW, in float32."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(6, 8, generator=generator)
+    grads = [torch.randn(6, 8, generator=generator) for _ in range(5)]
+    for grad in grads:
+        grad[0] = 0.0  # a zero gradient row
+    params = {key: torch.nn.Parameter(start.to(dtype)) for key in ("hspg", "fused", "foreach")}
+    mlp = torch.nn.Linear(8, 6)
+    zigs = build_zigs_for_linear(mlp)
+    optimizers = {
+        "hspg": HSPG([params["hspg"], *mlp.parameters()], zigs, lr=1e-2, lmbda=0.0, init_steps=100, weight_decay=0.1),
+        "fused": torch.optim.AdamW([params["fused"]], lr=1e-2, weight_decay=0.1, fused=True),
+        "foreach": torch.optim.AdamW([params["foreach"]], lr=1e-2, weight_decay=0.1, foreach=True),
+    }
+    for grad in grads:
+        for key, optimizer in optimizers.items():
+            params[key].grad = grad.to(dtype)
+            optimizer.step()
+    assert bool(params["hspg"].isfinite().all())
+    torch.testing.assert_close(params["hspg"], params["fused"], rtol=0, atol=2e-2)
+    if dtype == torch.float16:
+        assert not bool(params["foreach"].isfinite().all())  # what HSPG no longer does
+
+
+def build_zigs_for_linear(linear: torch.nn.Linear):
+    from hf_oto.zig import ZIGFamily, ZIGMember, ZIGSet
+
+    family = ZIGFamily(name="rows", kind="neurons", num_groups=6, members=(ZIGMember("weight", 0),))
+    return ZIGSet(linear, [family])
+
+
+def test_autocast_bfloat16_training_stays_finite():
+    model = tiny_model("bert")
+    zigs = build_zigs(model)
+    optimizer = HSPG(model.parameters(), zigs, **SETTINGS["adamw"])
+    for step in range(25):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss(model, seed=step % 4)
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss) and finite(model), step
+    assert zigs.num_zero_groups() > 0 and optimizer.skipped_steps == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_low_precision_resume_is_bit_identical(dtype):
+    model = tiny_model("bert").to(dtype)
+    make = lambda net: HSPG(trainer_param_groups(net, 0.01), build_zigs(net), **SETTINGS["adamw"])  # noqa: E731
+    optimizer = make(model)
+    train(model, optimizer, 4)
+    resumed = copy.deepcopy(model)
+    resumed_optimizer = make(resumed)
+    resumed_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    assert all(state["exp_avg"].dtype == torch.float32 for state in resumed_optimizer.state.values())
+    train(model, optimizer, 4, start=4)
+    train(resumed, resumed_optimizer, 4, start=4)
+    for (name, param), other in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(param, other), name

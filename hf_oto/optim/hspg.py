@@ -108,6 +108,22 @@ class _Blocks:
         return (a * b).sum(dim=[d for d in range(a.dim()) if d != self.dim])
 
 
+def _low_precision(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is float16 or bfloat16, whose AdamW step HSPG computes in float32."""
+    return tensor.dtype in (torch.float16, torch.bfloat16)
+
+
+def _moment_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype of the Adam moments of `param`: float32 for a float16 / bfloat16 parameter, else its own.
+
+    In float16 the second moment of a gradient below ~1e-4 underflows to 0 while the first does not, and
+    `eps = 1e-8` rounds to 0: the step `m / (sqrt(v) + eps)` is then huge, or `0 / 0 = NaN` in the zero groups
+    (`torch.optim.AdamW` turns a float16 model into NaN in one step for that reason; its fused variant into weights of
+    thousands). Float32 moments and a float32 update, rounded to the parameter's dtype once, stay finite.
+    """
+    return torch.float32 if _low_precision(param) else param.dtype
+
+
 def _row_squared_norm(a: torch.Tensor, dim: int, num_groups: int) -> torch.Tensor:
     """`[num_groups]` tensor of the squared group norms `||a_g||^2`, in float32 at least."""
     if dim == 0:
@@ -165,6 +181,12 @@ class HSPG(Optimizer):
     exactly as they were (a NaN would otherwise reach the group norms and, through the moments, every later step),
     and `skipped_steps` counts it, as `torch.amp.GradScaler` skips a step on an fp16 overflow. The `Trainer` and
     Accelerate do not see this skip (they do see the `GradScaler`'s): their learning-rate schedule still advances.
+
+    **Low precision.** The Adam moments of float16 / bfloat16 parameters are kept in float32 and their AdamW step is
+    computed in float32, then rounded to the parameter's dtype once: in float16, `eps = 1e-8` rounds to 0 and the
+    second moment of small gradients underflows, so `torch.optim.AdamW` turns a float16 model into NaN in one step
+    (its fused variant into weights of thousands) and HSPG's zero groups would be `0 / 0`. Mixed precision
+    (`torch.autocast`, `bf16=True` / `fp16=True` in the `Trainer`) keeps float32 parameters and needs none of this.
 
     **Non-finite hyper-parameters** (NaN or inf `lr`, `lmbda`, `weight_decay`, `eps`, ...) are refused with a
     `ValueError` at construction and, if a scheduler or your code writes one into a param group later, by `step()`
@@ -464,7 +486,8 @@ class HSPG(Optimizer):
           `skip_nonfinite`), so that what is penalised, projected and pruned is what this run's arguments say. A
           setting whose value differs from the checkpoint's is logged.
         - **From the checkpoint**: the per-parameter state (`exp_avg`, `exp_avg_sq`, `momentum_buffer`, `step`, the
-          target mode's saliency and ramps), the step counters `step_count` and `skipped_steps`, the learning rate
+          target mode's saliency and ramps; each tensor in the dtype it was saved in, so float32 moments of float16
+          parameters stay float32), the step counters `step_count` and `skipped_steps`, the learning rate
           `lr` and the keys HSPG does not own (`initial_lr` and whatever else a scheduler keeps in the groups). The
           learning rate belongs to the trajectory: a scheduler writes it into the groups at each of its steps and, on
           resume (`Trainer`, `Accelerator.load_state`), restores only its own counters, so the first step after
@@ -488,6 +511,19 @@ class HSPG(Optimizer):
             for group in self.param_groups
         ]
         super().load_state_dict(state_dict)
+        # torch casts every floating state tensor to its parameter's dtype; HSPG's state keeps the dtype it was saved
+        # with (float32 Adam moments of float16 / bfloat16 parameters, the target mode's integer ramp starts).
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for saved_id, param in zip(saved["params"], group["params"]):
+                state = self.state.get(param, {})
+                for key, value in state_dict["state"].get(saved_id, {}).items():
+                    if (
+                        key != "step"
+                        and isinstance(value, torch.Tensor)
+                        and key in state
+                        and state[key].dtype != value.dtype
+                    ):
+                        state[key] = value.to(device=param.device, copy=True)
         changed: dict[str, tuple[Any, Any]] = {}
         for group, constructed in zip(self.param_groups, ours):
             for key, value in constructed.items():
@@ -823,16 +859,21 @@ class HSPG(Optimizer):
         beta1, beta2 = group["betas"]
         lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
         exp_avgs, exp_avg_sqs, steps = [], [], []
-        for param in params:
+        for index, param in enumerate(params):
             state = self.state[param]
+            dtype = _moment_dtype(param)
             if "exp_avg" not in state:  # (the target mode may have put its own entries in a member's state)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            elif state["exp_avg"].dtype != dtype:  # the model was cast to or from a low precision since
+                state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype)
+            if grads[index].dtype != dtype:
+                grads[index] = grads[index].to(dtype)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        # Moments of every parameter, as torch's foreach AdamW.
+        # Moments of every parameter, as torch's foreach AdamW (in float32 for float16 / bfloat16 parameters).
         torch._foreach_add_(steps, 1.0)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -841,7 +882,12 @@ class HSPG(Optimizer):
         bias_correction1 = [1 - beta1**step for step in step_values]
         bias_correction2_sqrt = [math.sqrt(1 - beta2**step) for step in step_values]
 
-        plain = [i for i, record in enumerate(records) if record is None]
+        plain = [i for i, record in enumerate(records) if record is None and not _low_precision(params[i])]
+        for i, record in enumerate(records):
+            if record is None and _low_precision(params[i]):
+                self._adamw_low_precision(
+                    params[i], exp_avgs[i], exp_avg_sqs[i], bias_correction1[i], bias_correction2_sqrt[i], group
+                )
         if plain:
             plain_params = [params[i] for i in plain]
             denominators = torch._foreach_sqrt([exp_avg_sqs[i] for i in plain])
@@ -869,6 +915,22 @@ class HSPG(Optimizer):
                 )
 
     @staticmethod
+    def _adamw_low_precision(
+        param: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        bias_correction1: float,
+        bias_correction2_sqrt: float,
+        group: dict[str, Any],
+    ) -> None:
+        """The AdamW update of a float16 / bfloat16 parameter outside the ZIGs, from its float32 moments, computed in
+        float32 and rounded to the parameter's dtype once (see `_moment_dtype`)."""
+        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
+        denominator = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+        update = torch.div(exp_avg, denominator, out=denominator)
+        param.copy_(param.float().mul_(1 - lr * weight_decay).add_(update, alpha=-(lr / bias_correction1)))
+
+    @staticmethod
     def _adamw_member(
         member: _Member,
         exp_avg: torch.Tensor,
@@ -881,20 +943,24 @@ class HSPG(Optimizer):
         """x <- (1 - lr * weight_decay - lr * lmbda / ||x_g||) * x - lr / bc1 * m / (sqrt(v / bc2) + eps), by block."""
         group, param = member.group, member.param
         lr, weight_decay, lmbda, eps = group["lr"], group["weight_decay"], group["lmbda"], group["eps"]
+        # float16 / bfloat16 parameters are updated in float32 from their float32 moments (see `_moment_dtype`).
+        low_precision = _low_precision(param)
+        compute_dtype = torch.float32 if low_precision else param.dtype
         base = 1 - lr * weight_decay
-        shrink = (base - (lr * lmbda) * inverse_norm).to(param.dtype) if lmbda != 0 else None
+        shrink = (base - (lr * lmbda) * inverse_norm).to(compute_dtype) if lmbda != 0 else None
         step_size = -(lr / bias_correction1)
         blocks = _Blocks(member)
         dots = []
         for block in blocks.ranges:
-            x = blocks.view(param, block)
+            stored = blocks.view(param, block)
+            x = stored.float() if low_precision else stored
             exp_avg_block = blocks.view(exp_avg, block)
             exp_avg_sq_block = blocks.view(exp_avg_sq, block)
             if member.live is not None:  # zero groups: zero moments, hence a zero direction
                 live = blocks.per_group(member.live, block, x)
                 exp_avg_block.mul_(live)
                 exp_avg_sq_block.mul_(live)
-            denominator = torch.sqrt(exp_avg_sq_block)
+            denominator = torch.sqrt(exp_avg_sq_block.to(compute_dtype))
             denominator.div_(bias_correction2_sqrt).add_(eps)
             if member.live is not None and eps == 0:
                 denominator.add_(1 - live)  # 0 / 1 rather than 0 / 0 in the zero groups; + 0 elsewhere
@@ -909,6 +975,8 @@ class HSPG(Optimizer):
                 x.add_(direction, alpha=step_size)
             else:
                 x.addcdiv_(exp_avg_block, denominator, value=step_size)
+            if low_precision:
+                stored.copy_(x)
         if half_space:
             # d = dir / bc1 + (weight_decay + lmbda / ||x_g||) * x  (decoupled terms)
             dot = torch.cat(dots) if len(dots) > 1 else dots[0]
