@@ -279,3 +279,69 @@ def test_low_precision_resume_is_bit_identical(dtype):
     train(resumed, resumed_optimizer, 4, start=4)
     for (name, param), other in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(param, other), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frozen parameters are never changed
+# ----------------------------------------------------------------------------------------------------------------
+QUERY = "bert.encoder.layer.0.attention.self.query.weight"
+HEADS_0 = "bert.encoder.layer.0.heads"
+
+
+@pytest.mark.parametrize("variant", ["adamw", "sgd"])
+@pytest.mark.parametrize("passed", ["all parameters", "trainable parameters"])
+def test_a_frozen_member_is_never_changed_and_its_family_never_zeroed(variant, passed, hspg_warnings):
+    model = tiny_model("bert")
+    frozen = model.get_parameter(QUERY)
+    frozen.requires_grad_(False)
+    zigs = build_zigs(model)
+    params = model.parameters() if passed == "all parameters" else hspg_param_groups(model, 0.01)
+    optimizer = HSPG(params, zigs, **SETTINGS[variant])
+    before = frozen.detach().clone()
+    key = model.get_parameter(QUERY.replace("query", "key"))
+    key_before = key.detach().clone()
+    train(model, optimizer, 30)
+    frozen.grad = torch.ones_like(frozen)  # a stale gradient does not move it either
+    optimizer.step()
+    assert torch.equal(frozen, before)
+    assert not torch.equal(key, key_before)  # its family's trainable members train (plain step)
+    assert zigs.sparsity_by_family()[HEADS_0] == 0.0
+    assert zigs.num_zero_groups() > 0  # the other families do get zero groups
+    messages = [message for message in hspg_warnings() if "frozen member" in message]
+    assert len(messages) == 1 and HEADS_0 in messages[0]
+
+
+def test_a_member_frozen_during_training_is_not_changed_from_then_on():
+    model = tiny_model("bert")
+    zigs = build_zigs(model)
+    optimizer = HSPG(model.parameters(), zigs, **SETTINGS["adamw"])
+    train(model, optimizer, 5)
+    frozen = model.get_parameter(QUERY)
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    train(model, optimizer, 25, start=5)
+    assert torch.equal(frozen, before)
+    assert zigs.num_zero_groups() > 0
+
+
+def test_target_mode_leaves_a_family_with_a_frozen_member_alone():
+    model = tiny_model("bert")
+    frozen = model.get_parameter(QUERY)
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    zigs = build_zigs(model)
+    optimizer = HSPG(
+        hspg_param_groups(model, 0.0),
+        zigs,
+        mode="target",
+        lr=1e-3,
+        init_steps=4,
+        pruning_steps=8,
+        pruning_periods=4,
+        target=PruningTarget(flops=0.5),
+        cost_seq_length=16,
+    )
+    train(model, optimizer, 14)
+    assert torch.equal(frozen, before)
+    assert zigs.sparsity_by_family()[HEADS_0] == 0.0
+    assert zigs.num_zero_groups() > 0 and optimizer.kept_fraction()["flops"] <= 0.5 + 1e-6

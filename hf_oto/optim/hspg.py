@@ -182,6 +182,12 @@ class HSPG(Optimizer):
     and `skipped_steps` counts it, as `torch.amp.GradScaler` skips a step on an fp16 overflow. The `Trainer` and
     Accelerate do not see this skip (they do see the `GradScaler`'s): their learning-rate schedule still advances.
 
+    **Frozen parameters** (`requires_grad=False`) are never changed, even with a gradient left on them. A family with
+    a frozen member cannot be zeroed exactly, so while a member is frozen its family is neither penalised, selected
+    nor projected (logged once per change, with the family names); its trainable members take the plain base step.
+    A frozen member left out of `params` (as the `Trainer` leaves frozen parameters out) keeps its family out for the
+    optimizer's lifetime. To prune a frozen layer's groups, unfreeze it; to silence the message, `exclude=` it.
+
     **Low precision.** The Adam moments of float16 / bfloat16 parameters are kept in float32 and their AdamW step is
     computed in float32, then rounded to the parameter's dtype once: in float16, `eps = 1e-8` rounds to 0 and the
     second moment of small gradients underflows, so `torch.optim.AdamW` turns a float16 model into NaN in one step
@@ -427,25 +433,44 @@ class HSPG(Optimizer):
             for param_index, param in enumerate(group["params"]):
                 position[id(param)] = (group_index, param_index)
         missing = []
+        frozen_out: set[int] = set()
         for family_index, family in enumerate(zigs.families):
             for member in family.members:
                 param = zigs.parameter(member.param_name)
                 _check_not_sharded(param, member.param_name)
                 if id(param) not in position:
-                    missing.append(member.param_name)
+                    if param.requires_grad:
+                        missing.append(member.param_name)
+                    else:  # frozen and left out of `params` (as the Trainer does): the family cannot be zeroed
+                        frozen_out.add(family_index)
                     continue
                 group_index, param_index = position[id(param)]
                 group = self.param_groups[group_index]
                 group["zig_family"][param_index] = family_index
                 group["zig_dim"][param_index] = member.dim
                 group["zig_num_groups"][param_index] = family.num_groups
+        # The other members of such a family train as parameters outside the ZIGs.
+        for group in self.param_groups:
+            for param_index, family_index in enumerate(group["zig_family"]):
+                if family_index in frozen_out:
+                    group["zig_family"][param_index], group["zig_dim"][param_index] = -1, -1
+                    group["zig_num_groups"][param_index] = 0
+        self._frozen_out = frozen_out
+        present_frozen = {
+            family
+            for group in self.param_groups
+            for param, family in zip(group["params"], group["zig_family"])
+            if family >= 0 and not param.requires_grad
+        }
+        self._logged_frozen: frozenset[int] = frozenset()
+        self._log_frozen(frozen_out | present_frozen)
         if missing:
             shown = ", ".join(repr(name) for name in missing[:10])
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
             raise ValueError(
-                f"The ZIGSet penalises parameters that are not in `params`: {shown}{more}. Pass all the model's "
-                "trainable parameters to HSPG (e.g. `model.parameters()` or the Trainer's param groups), or build "
-                "the ZIGSet with `exclude=` so that it leaves the frozen parts out."
+                f"The ZIGSet penalises trainable parameters that are not in `params`: {shown}{more}. Pass all the "
+                "model's trainable parameters to HSPG (e.g. `model.parameters()` or the Trainer's param groups), "
+                "freeze these (`requires_grad=False`), or build the ZIGSet with `exclude=` so that it leaves them out."
             )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -668,12 +693,21 @@ class HSPG(Optimizer):
                 f"HSPG: half-space stage starts at step {count} (group sparsity so far: {self._sparsity():.3f})."
             )
 
-        # Families with at least one gradient take part in this step.
+        # Families with at least one gradient take part in this step, unless a member is frozen: a frozen parameter
+        # is never changed, so its family can be neither shrunk nor zeroed (its other members take the plain step).
         active: set[int] = set()
+        frozen: set[int] = set()
         for group in self.param_groups:
             for param, family in zip(group["params"], group["zig_family"]):
-                if family >= 0 and param.grad is not None:
+                if family < 0:
+                    continue
+                if not param.requires_grad:
+                    frozen.add(family)
+                elif param.grad is not None:
                     active.add(family)
+        active -= frozen
+        if frozen | self._frozen_out != self._logged_frozen:
+            self._log_frozen(frozen | self._frozen_out)
 
         # Phase 0: group norms at x_k, batched per parameter and accumulated per family.
         members: list[_Member] = []
@@ -690,12 +724,14 @@ class HSPG(Optimizer):
                 squared = _row_squared_norm(param.detach(), dim, num_groups)
                 family_squared[family] = squared if family not in family_squared else family_squared[family] + squared
                 family_size[family] = num_groups
+                if family in frozen:
+                    continue
                 record = _Member(param, family, dim, num_groups, group, squared)
                 all_members.append(record)
                 if family in active:
                     members.append(record)
         if self._selection is not None:
-            self._target_step(count, members, all_members, family_squared, family_size)
+            self._target_step(count, members, all_members, family_squared, family_size, frozen)
             for group in self.param_groups:
                 group["step_count"] = count + 1
             return loss
@@ -763,27 +799,33 @@ class HSPG(Optimizer):
         all_members: list[_Member],
         family_squared: dict[int, torch.Tensor],
         family_size: dict[int, int],
+        frozen: set[int],
     ) -> None:
         """One step of the target mode: select (on schedule), score, base step without penalty, ramp, project."""
         selection = self._selection
         schedule = selection.schedule
         index = schedule.selection_index(count)
         if index is not None:
-            selection.select(count, index, family_squared)
+            selection.select(count, index, family_squared, frozen)
         if schedule.scoring(count):
             selection.accumulate_saliency()
         # Zero groups stay zero: their rows of the direction and of the optimizer state are masked.
         self._mark_live(members, family_squared)
         inverse_norm = {family: torch.zeros_like(squared) for family, squared in family_squared.items()}
         self._base_step({id(member.param): member for member in members}, inverse_norm, half_space=False)
-        drop = selection.ramp(count)
+        drop = selection.ramp(count, frozen)
         if drop:
             self._zero_dropped(all_members, drop, family_size)
 
     def _skip_nonfinite(self, count: int) -> bool:
         """Whether a gradient holds an `inf` or a `NaN` (one read of the gradients, one host sync); if so, counts the
         skipped step and warns. Nothing else is touched."""
-        grads = [param.grad for group in self.param_groups for param in group["params"] if param.grad is not None]
+        grads = [
+            param.grad
+            for group in self.param_groups
+            for param in group["params"]
+            if param.grad is not None and param.requires_grad
+        ]
         grads = [grad for grad in grads if not grad.is_sparse and grad.numel() > 0]
         if not grads:
             return False
@@ -822,6 +864,21 @@ class HSPG(Optimizer):
         zeros = torch.stack([(family_squared[f] == 0).sum() for f in families]).tolist()
         return {f for f, count in zip(families, zeros) if count >= _family_budget(bound, family_size[f])}
 
+    def _log_frozen(self, frozen: set[int]) -> None:
+        """Logs (once per change) the families kept out of the penalty and projection by a frozen member."""
+        self._logged_frozen = frozenset(frozen)
+        if frozen:
+            names = [self.zigs.families[family].name for family in sorted(frozen)]
+            shown = ", ".join(repr(name) for name in names[:8]) + (
+                f" and {len(names) - 8} more" if len(names) > 8 else ""
+            )
+            logger.warning(
+                f"HSPG: {len(names)} group families have a frozen member (requires_grad=False): {shown}. A frozen "
+                "parameter is never changed, so these families are neither penalised nor zeroed (nor pruned) while "
+                "it stays frozen; their trainable members take the plain step. Leave them out of the ZIGs with "
+                "`exclude=` (`oto_exclude`) to silence this."
+            )
+
     def _sparsity(self) -> float:
         try:
             return self.zigs.group_sparsity()
@@ -833,6 +890,8 @@ class HSPG(Optimizer):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[_Member | None]]:
         params, grads, records = [], [], []
         for param in group["params"]:
+            if not param.requires_grad:  # frozen: never changed, even with a stale gradient
+                continue
             member = by_param.get(id(param))
             grad = param.grad
             if grad is None:
