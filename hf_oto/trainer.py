@@ -42,7 +42,10 @@ class OTOTrainer(Trainer):
     same outputs.
 
     Everything else is the usual `Trainer`: learning-rate schedule and warm-up, gradient accumulation, max grad norm,
-    evaluation, checkpoints and `resume_from_checkpoint` (the HSPG state is saved in `optimizer.pt` and restored).
+    evaluation, checkpoints and `resume_from_checkpoint` (the HSPG state is saved in `optimizer.pt` and restored; the
+    optimizer state of a plain `Trainer` checkpoint, or one saved for other `oto_families` / `oto_exclude`, is
+    refused with a `ValueError` saying how to resume the weights alone, see [`~hf_oto.optim.HSPG.load_state_dict`]).
+    Frozen parameters are never changed, and a group family with a frozen member is neither penalised nor pruned.
     HSPG replaces the optimizer `args.optim` would choose; it takes the Trainer's weight-decay/no-weight-decay parameter
     groups, `learning_rate`, `weight_decay`, `adam_beta1`, `adam_beta2` and `adam_epsilon`, and the `oto_*`
     arguments of [`OTOTrainingArguments`].

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, Trainer, TrainingArguments
 
-from hf_oto.callbacks import STAGE_IDS, OTOSparsityCallback, oto_sparsity_logs
+from hf_oto.callbacks import STAGE_IDS, OTOSparsityCallback, oto_sparsity_logs, unwrap_optimizer
 from hf_oto.trainer import OTOTrainer
 from hf_oto.training_args import OTOTrainingArguments
 from hf_oto.zig import build_zigs
@@ -339,6 +339,41 @@ def test_resume_from_checkpoint_gives_identical_weights(tmp_path, mode):
     for step in range(5, 13):
         assert resumed_logs[step]["oto/stage"] == full_logs[step]["oto/stage"]
         assert resumed_logs[step]["oto/zero_groups"] == full_logs[step]["oto/zero_groups"]
+
+
+def test_resume_from_a_plain_trainer_checkpoint_is_refused_until_its_optimizer_is_removed(tmp_path):
+    """A plain `Trainer` checkpoint holds AdamW state: resuming OTO from it would train as plain AdamW (no penalty, no
+    projection, no zero group). The error says to delete `optimizer.pt`; doing so resumes the weights with HSPG."""
+    data = random_dataset(24)
+    plain_args = TrainingArguments(
+        **{**QUIET, "save_strategy": "steps"}, output_dir=str(tmp_path / "plain"), max_steps=4, save_steps=4,
+        per_device_train_batch_size=4, learning_rate=1e-2, seed=0,
+    )  # fmt: skip
+    Trainer(tiny_model("bert"), plain_args, train_dataset=data).train()
+    checkpoint = tmp_path / "plain" / "checkpoint-4"
+    overrides = dict(max_steps=12, oto_lambda=3.0, oto_init_steps=4)
+    trainer = OTOTrainer(tiny_model("bert", seed=1), oto_args(tmp_path / "oto", **overrides), train_dataset=data)
+    with pytest.raises(ValueError, match=r"saved by torch.optim.AdamW, not HSPG.*delete `optimizer.pt`"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+    os.remove(checkpoint / "optimizer.pt")
+    trainer = OTOTrainer(tiny_model("bert", seed=1), oto_args(tmp_path / "oto", **overrides), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 12 and unwrap_optimizer(trainer.optimizer).step_count == 8
+    assert trainer.zigs.num_zero_groups() > 0
+
+
+def test_resume_with_other_groups_is_refused(tmp_path):
+    """Resuming with another `oto_exclude` (or `oto_families`) must not restore the checkpoint's membership (which
+    would zero the excluded layer): the state is refused, naming a parameter whose membership differs."""
+    data = random_dataset(16)
+    overrides = dict(max_steps=4, save_strategy="steps", save_steps=4)
+    OTOTrainer(tiny_model("bert"), oto_args(tmp_path / "full", **overrides), train_dataset=data).train()
+    checkpoint = tmp_path / "full" / "checkpoint-4"
+    args = oto_args(tmp_path / "resumed", **{**overrides, "max_steps": 8}, oto_exclude=["*.layer.0.*"])
+    trainer = OTOTrainer(tiny_model("bert"), args, train_dataset=data)
+    with pytest.raises(ValueError, match=r"other zero-invariant groups: 'bert.encoder.layer.0.attention.self.query"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from torch.optim import Optimizer
 from transformers.utils import logging
 
+from .._checks import require_finite
 from ..costs import GroupCosts
 from ..zig.groups import ZIGSet
 from .target import MODES, PruningTarget, Schedule, TargetSelection
@@ -107,6 +108,22 @@ class _Blocks:
         return (a * b).sum(dim=[d for d in range(a.dim()) if d != self.dim])
 
 
+def _low_precision(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is float16 or bfloat16, whose AdamW step HSPG computes in float32."""
+    return tensor.dtype in (torch.float16, torch.bfloat16)
+
+
+def _moment_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype of the Adam moments of `param`: float32 for a float16 / bfloat16 parameter, else its own.
+
+    In float16 the second moment of a gradient below ~1e-4 underflows to 0 while the first does not, and
+    `eps = 1e-8` rounds to 0: the step `m / (sqrt(v) + eps)` is then huge, or `0 / 0 = NaN` in the zero groups
+    (`torch.optim.AdamW` turns a float16 model into NaN in one step for that reason; its fused variant into weights of
+    thousands). Float32 moments and a float32 update, rounded to the parameter's dtype once, stay finite.
+    """
+    return torch.float32 if _low_precision(param) else param.dtype
+
+
 def _row_squared_norm(a: torch.Tensor, dim: int, num_groups: int) -> torch.Tensor:
     """`[num_groups]` tensor of the squared group norms `||a_g||^2`, in float32 at least."""
     if dim == 0:
@@ -165,6 +182,22 @@ class HSPG(Optimizer):
     and `skipped_steps` counts it, as `torch.amp.GradScaler` skips a step on an fp16 overflow. The `Trainer` and
     Accelerate do not see this skip (they do see the `GradScaler`'s): their learning-rate schedule still advances.
 
+    **Frozen parameters** (`requires_grad=False`) are never changed, even with a gradient left on them. A family with
+    a frozen member cannot be zeroed exactly, so while a member is frozen its family is neither penalised, selected
+    nor projected (logged once per change, with the family names); its trainable members take the plain base step.
+    A frozen member left out of `params` (as the `Trainer` leaves frozen parameters out) keeps its family out for the
+    optimizer's lifetime. To prune a frozen layer's groups, unfreeze it; to silence the message, `exclude=` it.
+
+    **Low precision.** The Adam moments of float16 / bfloat16 parameters are kept in float32 and their AdamW step is
+    computed in float32, then rounded to the parameter's dtype once: in float16, `eps = 1e-8` rounds to 0 and the
+    second moment of small gradients underflows, so `torch.optim.AdamW` turns a float16 model into NaN in one step
+    (its fused variant into weights of thousands) and HSPG's zero groups would be `0 / 0`. Mixed precision
+    (`torch.autocast`, `bf16=True` / `fp16=True` in the `Trainer`) keeps float32 parameters and needs none of this.
+
+    **Non-finite hyper-parameters** (NaN or inf `lr`, `lmbda`, `weight_decay`, `eps`, ...) are refused with a
+    `ValueError` at construction and, if a scheduler or your code writes one into a param group later, by `step()`
+    before anything is updated.
+
     **Data parallel.** Under DDP every rank holds the whole parameters and the same all-reduced gradients, so every
     rank takes the identical step and zeroes the identical groups. Sharded parameters (FSDP, DeepSpeed ZeRO) are
     refused: a group norm computed on one rank's shard is not the group's norm.
@@ -175,7 +208,10 @@ class HSPG(Optimizer):
     lists parallel to `group["params"]`: `"zig_family"` (family index, `-1` outside the ZIGs), `"zig_dim"` and
     `"zig_num_groups"`. Membership is computed once at construction by matching tensors, so the optimizer survives
     Accelerate swapping the parameter objects and `state_dict()` / `load_state_dict()` resumes the identical
-    trajectory. Parameter groups added later with `add_param_group` are treated as outside the ZIGs.
+    trajectory. `load_state_dict()` takes the membership and the settings from the optimizer as constructed and only
+    the trajectory (per-parameter state, step counters, `lr`) from the checkpoint; it refuses the state of another
+    optimizer or of other groups (see [`HSPG.load_state_dict`]). Parameter groups added later with
+    `add_param_group` are treated as outside the ZIGs.
 
     Args:
         params (`Iterable`):
@@ -312,13 +348,14 @@ class HSPG(Optimizer):
             max_group_sparsity=max_group_sparsity,
             max_family_sparsity=max_family_sparsity,
             skip_nonfinite=bool(skip_nonfinite),
+            mode=mode,
         )
         _validate_hyperparameters(defaults, where="")
         param_groups = _materialise(params)
         super().__init__(param_groups, defaults)
         for index, group in enumerate(self.param_groups):
             _validate_hyperparameters(group, where=f" (param group {index})")
-            for key in ("init_steps", "max_group_sparsity", "max_family_sparsity", "variant", "skip_nonfinite"):
+            for key in _OPTIMIZER_WIDE:
                 if group[key] != defaults[key]:
                     raise ValueError(
                         f"{key} is optimizer-wide: param group {index} sets {key}={group[key]!r} but the optimizer "
@@ -396,25 +433,44 @@ class HSPG(Optimizer):
             for param_index, param in enumerate(group["params"]):
                 position[id(param)] = (group_index, param_index)
         missing = []
+        frozen_out: set[int] = set()
         for family_index, family in enumerate(zigs.families):
             for member in family.members:
                 param = zigs.parameter(member.param_name)
                 _check_not_sharded(param, member.param_name)
                 if id(param) not in position:
-                    missing.append(member.param_name)
+                    if param.requires_grad:
+                        missing.append(member.param_name)
+                    else:  # frozen and left out of `params` (as the Trainer does): the family cannot be zeroed
+                        frozen_out.add(family_index)
                     continue
                 group_index, param_index = position[id(param)]
                 group = self.param_groups[group_index]
                 group["zig_family"][param_index] = family_index
                 group["zig_dim"][param_index] = member.dim
                 group["zig_num_groups"][param_index] = family.num_groups
+        # The other members of such a family train as parameters outside the ZIGs.
+        for group in self.param_groups:
+            for param_index, family_index in enumerate(group["zig_family"]):
+                if family_index in frozen_out:
+                    group["zig_family"][param_index], group["zig_dim"][param_index] = -1, -1
+                    group["zig_num_groups"][param_index] = 0
+        self._frozen_out = frozen_out
+        present_frozen = {
+            family
+            for group in self.param_groups
+            for param, family in zip(group["params"], group["zig_family"])
+            if family >= 0 and not param.requires_grad
+        }
+        self._logged_frozen: frozenset[int] = frozenset()
+        self._log_frozen(frozen_out | present_frozen)
         if missing:
             shown = ", ".join(repr(name) for name in missing[:10])
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
             raise ValueError(
-                f"The ZIGSet penalises parameters that are not in `params`: {shown}{more}. Pass all the model's "
-                "trainable parameters to HSPG (e.g. `model.parameters()` or the Trainer's param groups), or build "
-                "the ZIGSet with `exclude=` so that it leaves the frozen parts out."
+                f"The ZIGSet penalises trainable parameters that are not in `params`: {shown}{more}. Pass all the "
+                "model's trainable parameters to HSPG (e.g. `model.parameters()` or the Trainer's param groups), "
+                "freeze these (`requires_grad=False`), or build the ZIGSet with `exclude=` so that it leaves them out."
             )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -433,11 +489,140 @@ class HSPG(Optimizer):
             group.setdefault("max_group_sparsity", None)
             group.setdefault("max_family_sparsity", None)
             group.setdefault("skip_nonfinite", True)
+            group.setdefault("mode", "paper")
             group.setdefault("zig_family", [-1] * count)
             group.setdefault("zig_dim", [-1] * count)
             group.setdefault("zig_num_groups", [0] * count)
             group.setdefault("step_count", 0)
             group.setdefault("skipped_steps", 0)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Resuming
+    # ------------------------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the trajectory of a checkpoint of this optimizer, for the zero-invariant groups of this run.
+
+        `torch.optim.Optimizer.load_state_dict` would replace every param-group key with the checkpoint's, including
+        the ZIG membership; HSPG splits them:
+
+        - **From this run** (the optimizer as constructed): the ZIG membership of every parameter (`zig_family`,
+          `zig_dim`, `zig_num_groups`), `mode`, `variant` and every other HSPG setting (`lmbda`, `epsilon`,
+          `weight_decay`, `betas`, `eps`, `momentum`, `nesterov`, `init_steps`, the sparsity bounds,
+          `skip_nonfinite`), so that what is penalised, projected and pruned is what this run's arguments say. A
+          setting whose value differs from the checkpoint's is logged.
+        - **From the checkpoint**: the per-parameter state (`exp_avg`, `exp_avg_sq`, `momentum_buffer`, `step`, the
+          target mode's saliency and ramps; each tensor in the dtype it was saved in, so float32 moments of float16
+          parameters stay float32), the step counters `step_count` and `skipped_steps`, the learning rate
+          `lr` and the keys HSPG does not own (`initial_lr` and whatever else a scheduler keeps in the groups). The
+          learning rate belongs to the trajectory: a scheduler writes it into the groups at each of its steps and, on
+          resume (`Trainer`, `Accelerator.load_state`), restores only its own counters, so the first step after
+          resuming must use the checkpoint's `lr` (as with any torch optimizer).
+
+        Args:
+            state_dict (`dict`):
+                A state dict returned by `HSPG.state_dict()`.
+
+        Raises:
+            `ValueError`: if `state_dict` was saved by another optimizer (e.g. the `AdamW` of a plain `Trainer`
+            checkpoint), or for other zero-invariant groups (other `oto_families`/`oto_exclude`, another model),
+            another `mode` or `variant`, or other parameters (number per param group, shapes). Loading it would either
+            train without the groups of this run or restore state that does not belong to them; the message says how
+            to start the optimizer fresh instead.
+        """
+        self._check_loadable(state_dict)
+        owned = set(self.defaults) | set(_MEMBERSHIP) | set(_COUNTERS)
+        ours = [
+            {key: group[key] for key in owned if key in group and key not in _FROM_CHECKPOINT}
+            for group in self.param_groups
+        ]
+        super().load_state_dict(state_dict)
+        # torch casts every floating state tensor to its parameter's dtype; HSPG's state keeps the dtype it was saved
+        # with (float32 Adam moments of float16 / bfloat16 parameters, the target mode's integer ramp starts).
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for saved_id, param in zip(saved["params"], group["params"]):
+                state = self.state.get(param, {})
+                for key, value in state_dict["state"].get(saved_id, {}).items():
+                    if (
+                        key != "step"
+                        and isinstance(value, torch.Tensor)
+                        and key in state
+                        and state[key].dtype != value.dtype
+                    ):
+                        state[key] = value.to(device=param.device, copy=True)
+        changed: dict[str, tuple[Any, Any]] = {}
+        for group, constructed in zip(self.param_groups, ours):
+            for key, value in constructed.items():
+                if key not in _MEMBERSHIP and group.get(key) != value:
+                    changed.setdefault(key, (group.get(key), value))
+                group[key] = value
+        if changed:
+            listed = ", ".join(f"{key}={new!r} (checkpoint: {old!r})" for key, (old, new) in sorted(changed.items()))
+            logger.warning(f"HSPG resumes with this run's settings, which differ from the checkpoint's: {listed}.")
+
+    def _check_loadable(self, state_dict: Any) -> None:
+        """Raises a `ValueError` naming the difference if `state_dict` is not HSPG state for this run's ZIGs."""
+        saved_groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if not isinstance(saved_groups, list) or not isinstance(state_dict.get("state"), Mapping):
+            raise ValueError(
+                f"HSPG.load_state_dict expects the dict of `optimizer.state_dict()`; got {type(state_dict).__name__}."
+            )
+        if not saved_groups or any(
+            not isinstance(group, Mapping) or "zig_family" not in group for group in saved_groups
+        ):
+            raise ValueError(
+                f"The checkpoint's optimizer state was saved by {_describe_optimizer(saved_groups)}, not HSPG: it has "
+                "no zero-invariant groups, and resuming from it would train this run without them. " + _START_FRESH
+            )
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"The checkpoint's optimizer state has {len(saved_groups)} param groups, this HSPG has "
+                f"{len(self.param_groups)} (e.g. weight decay switched on or off, or another model). " + _START_FRESH
+            )
+        names = {id(param): name for name, param in self.zigs.model.named_parameters()}
+        for key in _STRUCTURAL:
+            saved = saved_groups[0].get(key)
+            if saved is not None and saved != self.param_groups[0][key]:
+                raise ValueError(
+                    f"The checkpoint's optimizer state was saved with {key}={saved!r}; this run uses "
+                    f"{key}={self.param_groups[0][key]!r}, under which that state means something else. Resume with "
+                    f"{key}={saved!r}, or: " + _START_FRESH
+                )
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"Param group {index} of the checkpoint's optimizer state has {len(saved['params'])} parameters, "
+                    f"this HSPG's has {len(group['params'])} (another model, or other parameters frozen). "
+                    + _START_FRESH
+                )
+            for position, param in enumerate(group["params"]):
+                theirs = tuple(saved[key][position] for key in _MEMBERSHIP)
+                mine = tuple(group[key][position] for key in _MEMBERSHIP)
+                name = names.get(id(param), f"parameter {position} of param group {index}")
+                if theirs != mine:
+                    raise ValueError(
+                        f"The checkpoint's optimizer state was saved for other zero-invariant groups: {name!r} is "
+                        f"{self._describe_membership(theirs, 'checkpoint')} in it, and "
+                        f"{self._describe_membership(mine, 'run')} in this run (other `oto_families`/`oto_exclude` "
+                        "or `families`/`exclude` of `build_zigs`, other frozen parameters, or another model). Resume "
+                        "with the groups of the checkpoint, or: " + _START_FRESH
+                    )
+                state = state_dict["state"].get(saved["params"][position], {})
+                for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                    value = state.get(key)
+                    if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                        raise ValueError(
+                            f"The checkpoint's optimizer state holds a {key} of shape {tuple(value.shape)} for "
+                            f"{name!r}, of shape {tuple(param.shape)} in this run: it was saved for another model. "
+                            + _START_FRESH
+                        )
+
+    def _describe_membership(self, membership: tuple[int, int, int], where: str) -> str:
+        family, dim, num_groups = membership
+        if family < 0:
+            return "outside the zero-invariant groups"
+        known = where == "run" and family < len(self.zigs.families)
+        label = f"family {family} ({self.zigs.families[family].name!r})" if known else f"family {family}"
+        return f"a member of {label}, split along dim {dim} into {num_groups} groups"
 
     # ------------------------------------------------------------------------------------------------------------
     # Read-only helpers
@@ -496,6 +681,10 @@ class HSPG(Optimizer):
                 loss = closure()
 
         count = self.step_count
+        for index, group in enumerate(self.param_groups):
+            # A scheduler or the user may have written a NaN into a group since the last step: refuse it before
+            # anything is touched rather than write NaN into every parameter.
+            _validate_hyperparameters(group, where=f" of param group {index} at step {count} (nothing was updated)")
         if self.param_groups[0]["skip_nonfinite"] and self._skip_nonfinite(count):
             return loss
         half_space = count >= self.init_steps
@@ -504,12 +693,21 @@ class HSPG(Optimizer):
                 f"HSPG: half-space stage starts at step {count} (group sparsity so far: {self._sparsity():.3f})."
             )
 
-        # Families with at least one gradient take part in this step.
+        # Families with at least one gradient take part in this step, unless a member is frozen: a frozen parameter
+        # is never changed, so its family can be neither shrunk nor zeroed (its other members take the plain step).
         active: set[int] = set()
+        frozen: set[int] = set()
         for group in self.param_groups:
             for param, family in zip(group["params"], group["zig_family"]):
-                if family >= 0 and param.grad is not None:
+                if family < 0:
+                    continue
+                if not param.requires_grad:
+                    frozen.add(family)
+                elif param.grad is not None:
                     active.add(family)
+        active -= frozen
+        if frozen | self._frozen_out != self._logged_frozen:
+            self._log_frozen(frozen | self._frozen_out)
 
         # Phase 0: group norms at x_k, batched per parameter and accumulated per family.
         members: list[_Member] = []
@@ -526,12 +724,14 @@ class HSPG(Optimizer):
                 squared = _row_squared_norm(param.detach(), dim, num_groups)
                 family_squared[family] = squared if family not in family_squared else family_squared[family] + squared
                 family_size[family] = num_groups
+                if family in frozen:
+                    continue
                 record = _Member(param, family, dim, num_groups, group, squared)
                 all_members.append(record)
                 if family in active:
                     members.append(record)
         if self._selection is not None:
-            self._target_step(count, members, all_members, family_squared, family_size)
+            self._target_step(count, members, all_members, family_squared, family_size, frozen)
             for group in self.param_groups:
                 group["step_count"] = count + 1
             return loss
@@ -599,27 +799,33 @@ class HSPG(Optimizer):
         all_members: list[_Member],
         family_squared: dict[int, torch.Tensor],
         family_size: dict[int, int],
+        frozen: set[int],
     ) -> None:
         """One step of the target mode: select (on schedule), score, base step without penalty, ramp, project."""
         selection = self._selection
         schedule = selection.schedule
         index = schedule.selection_index(count)
         if index is not None:
-            selection.select(count, index, family_squared)
+            selection.select(count, index, family_squared, frozen)
         if schedule.scoring(count):
             selection.accumulate_saliency()
         # Zero groups stay zero: their rows of the direction and of the optimizer state are masked.
         self._mark_live(members, family_squared)
         inverse_norm = {family: torch.zeros_like(squared) for family, squared in family_squared.items()}
         self._base_step({id(member.param): member for member in members}, inverse_norm, half_space=False)
-        drop = selection.ramp(count)
+        drop = selection.ramp(count, frozen)
         if drop:
             self._zero_dropped(all_members, drop, family_size)
 
     def _skip_nonfinite(self, count: int) -> bool:
         """Whether a gradient holds an `inf` or a `NaN` (one read of the gradients, one host sync); if so, counts the
         skipped step and warns. Nothing else is touched."""
-        grads = [param.grad for group in self.param_groups for param in group["params"] if param.grad is not None]
+        grads = [
+            param.grad
+            for group in self.param_groups
+            for param in group["params"]
+            if param.grad is not None and param.requires_grad
+        ]
         grads = [grad for grad in grads if not grad.is_sparse and grad.numel() > 0]
         if not grads:
             return False
@@ -658,6 +864,21 @@ class HSPG(Optimizer):
         zeros = torch.stack([(family_squared[f] == 0).sum() for f in families]).tolist()
         return {f for f, count in zip(families, zeros) if count >= _family_budget(bound, family_size[f])}
 
+    def _log_frozen(self, frozen: set[int]) -> None:
+        """Logs (once per change) the families kept out of the penalty and projection by a frozen member."""
+        self._logged_frozen = frozenset(frozen)
+        if frozen:
+            names = [self.zigs.families[family].name for family in sorted(frozen)]
+            shown = ", ".join(repr(name) for name in names[:8]) + (
+                f" and {len(names) - 8} more" if len(names) > 8 else ""
+            )
+            logger.warning(
+                f"HSPG: {len(names)} group families have a frozen member (requires_grad=False): {shown}. A frozen "
+                "parameter is never changed, so these families are neither penalised nor zeroed (nor pruned) while "
+                "it stays frozen; their trainable members take the plain step. Leave them out of the ZIGs with "
+                "`exclude=` (`oto_exclude`) to silence this."
+            )
+
     def _sparsity(self) -> float:
         try:
             return self.zigs.group_sparsity()
@@ -669,6 +890,8 @@ class HSPG(Optimizer):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[_Member | None]]:
         params, grads, records = [], [], []
         for param in group["params"]:
+            if not param.requires_grad:  # frozen: never changed, even with a stale gradient
+                continue
             member = by_param.get(id(param))
             grad = param.grad
             if grad is None:
@@ -695,16 +918,21 @@ class HSPG(Optimizer):
         beta1, beta2 = group["betas"]
         lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
         exp_avgs, exp_avg_sqs, steps = [], [], []
-        for param in params:
+        for index, param in enumerate(params):
             state = self.state[param]
+            dtype = _moment_dtype(param)
             if "exp_avg" not in state:  # (the target mode may have put its own entries in a member's state)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            elif state["exp_avg"].dtype != dtype:  # the model was cast to or from a low precision since
+                state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype)
+            if grads[index].dtype != dtype:
+                grads[index] = grads[index].to(dtype)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        # Moments of every parameter, as torch's foreach AdamW.
+        # Moments of every parameter, as torch's foreach AdamW (in float32 for float16 / bfloat16 parameters).
         torch._foreach_add_(steps, 1.0)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -713,7 +941,12 @@ class HSPG(Optimizer):
         bias_correction1 = [1 - beta1**step for step in step_values]
         bias_correction2_sqrt = [math.sqrt(1 - beta2**step) for step in step_values]
 
-        plain = [i for i, record in enumerate(records) if record is None]
+        plain = [i for i, record in enumerate(records) if record is None and not _low_precision(params[i])]
+        for i, record in enumerate(records):
+            if record is None and _low_precision(params[i]):
+                self._adamw_low_precision(
+                    params[i], exp_avgs[i], exp_avg_sqs[i], bias_correction1[i], bias_correction2_sqrt[i], group
+                )
         if plain:
             plain_params = [params[i] for i in plain]
             denominators = torch._foreach_sqrt([exp_avg_sqs[i] for i in plain])
@@ -741,6 +974,22 @@ class HSPG(Optimizer):
                 )
 
     @staticmethod
+    def _adamw_low_precision(
+        param: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        bias_correction1: float,
+        bias_correction2_sqrt: float,
+        group: dict[str, Any],
+    ) -> None:
+        """The AdamW update of a float16 / bfloat16 parameter outside the ZIGs, from its float32 moments, computed in
+        float32 and rounded to the parameter's dtype once (see `_moment_dtype`)."""
+        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
+        denominator = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+        update = torch.div(exp_avg, denominator, out=denominator)
+        param.copy_(param.float().mul_(1 - lr * weight_decay).add_(update, alpha=-(lr / bias_correction1)))
+
+    @staticmethod
     def _adamw_member(
         member: _Member,
         exp_avg: torch.Tensor,
@@ -753,20 +1002,24 @@ class HSPG(Optimizer):
         """x <- (1 - lr * weight_decay - lr * lmbda / ||x_g||) * x - lr / bc1 * m / (sqrt(v / bc2) + eps), by block."""
         group, param = member.group, member.param
         lr, weight_decay, lmbda, eps = group["lr"], group["weight_decay"], group["lmbda"], group["eps"]
+        # float16 / bfloat16 parameters are updated in float32 from their float32 moments (see `_moment_dtype`).
+        low_precision = _low_precision(param)
+        compute_dtype = torch.float32 if low_precision else param.dtype
         base = 1 - lr * weight_decay
-        shrink = (base - (lr * lmbda) * inverse_norm).to(param.dtype) if lmbda != 0 else None
+        shrink = (base - (lr * lmbda) * inverse_norm).to(compute_dtype) if lmbda != 0 else None
         step_size = -(lr / bias_correction1)
         blocks = _Blocks(member)
         dots = []
         for block in blocks.ranges:
-            x = blocks.view(param, block)
+            stored = blocks.view(param, block)
+            x = stored.float() if low_precision else stored
             exp_avg_block = blocks.view(exp_avg, block)
             exp_avg_sq_block = blocks.view(exp_avg_sq, block)
             if member.live is not None:  # zero groups: zero moments, hence a zero direction
                 live = blocks.per_group(member.live, block, x)
                 exp_avg_block.mul_(live)
                 exp_avg_sq_block.mul_(live)
-            denominator = torch.sqrt(exp_avg_sq_block)
+            denominator = torch.sqrt(exp_avg_sq_block.to(compute_dtype))
             denominator.div_(bias_correction2_sqrt).add_(eps)
             if member.live is not None and eps == 0:
                 denominator.add_(1 - live)  # 0 / 1 rather than 0 / 0 in the zero groups; + 0 elsewhere
@@ -781,6 +1034,8 @@ class HSPG(Optimizer):
                 x.add_(direction, alpha=step_size)
             else:
                 x.addcdiv_(exp_avg_block, denominator, value=step_size)
+            if low_precision:
+                stored.copy_(x)
         if half_space:
             # d = dir / bc1 + (weight_decay + lmbda / ||x_g||) * x  (decoupled terms)
             dot = torch.cat(dots) if len(dots) > 1 else dots[0]
@@ -1017,7 +1272,49 @@ def _materialise(params: Any) -> list[dict[str, Any]] | list[torch.Tensor]:
     return groups if isinstance(items[0], dict) else groups[0]["params"]
 
 
+_OPTIMIZER_WIDE = ("init_steps", "max_group_sparsity", "max_family_sparsity", "variant", "skip_nonfinite", "mode")
+"""Param-group keys that must be the same in every group (pass them to `HSPG(...)`)."""
+_MEMBERSHIP = ("zig_family", "zig_dim", "zig_num_groups")
+"""The param-group lists, parallel to `params`, that place each parameter in the zero-invariant groups."""
+_STRUCTURAL = ("mode", "variant")
+"""Settings a checkpoint's state only means something under (the target mode's scores and ramps, Adam moments or a
+momentum buffer): a state saved under other values is refused by `load_state_dict`."""
+_COUNTERS = ("step_count", "skipped_steps")
+_FROM_CHECKPOINT = ("lr", *_COUNTERS)
+"""The HSPG param-group keys `load_state_dict` takes from the checkpoint (the others come from this run)."""
+_FLOAT_HYPERPARAMETERS = ("lr", "lmbda", "epsilon", "momentum", "eps", "weight_decay")
+"""The float hyper-parameters of a param group, all of which must be finite."""
+
+
+_START_FRESH = (
+    "To keep the model weights and start the optimizer fresh: with the `Trainer`, delete `optimizer.pt` from the "
+    "checkpoint folder (the Trainer then restores the weights and the training state, and starts the optimizer and "
+    "the learning-rate schedule anew, since it reads `scheduler.pt` only together with `optimizer.pt`), or load the "
+    "checkpoint's weights with `from_pretrained` and start a new run; in a loop of your own, load the model weights "
+    "and skip `optimizer.load_state_dict`."
+)
+
+
+def _describe_optimizer(groups: list[Any]) -> str:
+    """A best guess at the optimizer class that saved param groups `groups` (from their keys)."""
+    keys = {key for group in groups if isinstance(group, Mapping) for key in group} - {"params", "param_names"}
+    if {"betas", "amsgrad"} <= keys:
+        decoupled = groups[0].get("decoupled_weight_decay")
+        return {True: "torch.optim.AdamW", False: "torch.optim.Adam"}.get(decoupled, "torch.optim.Adam or AdamW")
+    if "dampening" in keys:
+        return "torch.optim.SGD"
+    return f"another optimizer (param-group keys {sorted(keys)})"
+
+
 def _validate_hyperparameters(values: dict[str, Any], where: str) -> None:
+    """Refuses NaN / infinite and out-of-range hyper-parameters of the defaults or of one param group."""
+    for name in _FLOAT_HYPERPARAMETERS:
+        require_finite(name, values[name], where)
+    betas = values["betas"]
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas{where}: {betas}; pass two coefficients, each in [0, 1).")
+    for index, beta in enumerate(betas):
+        require_finite(f"betas[{index}]", beta, where)
     if values["lr"] < 0:
         raise ValueError(f"Invalid learning rate{where}: {values['lr']}; it must be >= 0.")
     if values["lmbda"] < 0:
@@ -1028,8 +1325,7 @@ def _validate_hyperparameters(values: dict[str, Any], where: str) -> None:
         raise ValueError(f"Invalid momentum{where}: {values['momentum']}; it must be in [0, 1).")
     if values["nesterov"] and values["momentum"] <= 0:
         raise ValueError(f"Nesterov momentum needs momentum > 0{where}; got momentum={values['momentum']}.")
-    betas = values["betas"]
-    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+    if not all(0.0 <= beta < 1.0 for beta in betas):
         raise ValueError(f"Invalid betas{where}: {betas}; pass two coefficients, each in [0, 1).")
     if values["eps"] < 0:
         raise ValueError(f"Invalid eps{where}: {values['eps']}; it must be >= 0.")

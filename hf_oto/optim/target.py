@@ -196,7 +196,13 @@ class TargetSelection:
         # slices `(position, dim, start, length)` whose Taylor term scores it.
         self.members: list[list[tuple[tuple[int, int], int]]] = []
         self.dependents: list[list[tuple[tuple[int, int], int, int, int]]] = []
-        for family in zigs.families:
+        # Families with a frozen member left out of the optimizer's params: never selected, scored or ramped.
+        self.excluded: set[int] = set(getattr(optimizer, "_frozen_out", ()))
+        for index, family in enumerate(zigs.families):
+            if index in self.excluded:
+                self.members.append([])
+                self.dependents.append([])
+                continue
             members = []
             for member in family.members:
                 param = zigs.parameter(member.param_name)
@@ -233,6 +239,9 @@ class TargetSelection:
         """Per family, the groups that are zero or on their way there (boolean, on the host)."""
         masks = []
         for family in range(len(self.num_groups)):
+            if family in self.excluded:
+                masks.append(torch.zeros(self.num_groups[family], dtype=torch.bool))
+                continue
             state = self.family_state(family)
             mask = state["oto_ramp_start"] >= 0
             if family in family_squared:
@@ -279,8 +288,12 @@ class TargetSelection:
     # Selection
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def select(self, step: int, index: int, family_squared: Mapping[int, torch.Tensor]) -> int:
-        """Chooses the groups that start their ramp at `step` (selection `index` of the schedule); returns how many."""
+    def select(
+        self, step: int, index: int, family_squared: Mapping[int, torch.Tensor], frozen: set[int] = frozenset()
+    ) -> int:
+        """Chooses the groups that start their ramp at `step` (selection `index` of the schedule); returns how many.
+
+        Families with a frozen member (`frozen`, and those left out of the optimizer) are not chosen from."""
         removed_masks = self.selected_masks(family_squared)
         counts = [int(mask.sum()) for mask in removed_masks]
         progress = (index + 1) / self.schedule.periods
@@ -292,14 +305,20 @@ class TargetSelection:
         if all(current[kind] <= goals[kind] * (1 + 1e-12) for kind in goals):
             self._reset_saliency()
             return 0
-        saliency = [self.family_state(family)["oto_saliency"].cpu() for family in range(len(self.num_groups))]
+        saliency = [
+            torch.zeros(size) if family in self.excluded else self.family_state(family)["oto_saliency"].cpu()
+            for family, size in enumerate(self.num_groups)
+        ]
         if index == 0 and all(float(s.sum()) == 0 for s in saliency):
             logger.warning(
                 "HSPG (target mode): no saliency was accumulated before the first selection (no gradients, or the "
                 "pruning window starts at step 0); groups are chosen by cost alone. Start the window later "
                 "(`init_steps` >= one period)."
             )
-        family_cap = [self._family_cap(family) for family in range(len(self.num_groups))]
+        family_cap = [
+            0 if family in self.excluded or family in frozen else self._family_cap(family)
+            for family in range(len(self.num_groups))
+        ]
         kind_total: dict[str, int] = {}
         kind_removed: dict[str, int] = {}
         for family, kind in enumerate(self.kinds):
@@ -382,20 +401,24 @@ class TargetSelection:
 
     def _reset_saliency(self) -> None:
         for family in range(len(self.num_groups)):
-            self.family_state(family)["oto_saliency"].zero_()
+            if family not in self.excluded:
+                self.family_state(family)["oto_saliency"].zero_()
 
     # ----------------------------------------------------------------------------------------------------------
     # Ramps
     # ----------------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def ramp(self, step: int) -> dict[int, torch.Tensor]:
+    def ramp(self, step: int, frozen: set[int] = frozenset()) -> dict[int, torch.Tensor]:
         """Projects every ramping group onto its scheduled radius (after the base step of `step`); returns, per
-        family, the mask of the groups whose ramp ends now (to be set to exactly zero with their optimizer state)."""
+        family, the mask of the groups whose ramp ends now (to be set to exactly zero with their optimizer state).
+        Families with a frozen member (`frozen`, and those left out of the optimizer) are not touched."""
         period = self.schedule.period
         drop: dict[int, torch.Tensor] = {}
         if not self.schedule.start <= step < self.schedule.end:  # no ramp outside the window (and no host sync)
             return drop
         for family in range(len(self.num_groups)):
+            if family in self.excluded or family in frozen:
+                continue
             state = self.family_state(family)
             start = state["oto_ramp_start"]
             ramping = (start >= 0) & (start <= step) & (start > step - period)
