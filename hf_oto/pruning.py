@@ -28,7 +28,7 @@ from .flops import count_flops, count_parameters
 from .zig.build import SUPPORTED_FAMILIES, has_transformer_layout
 from .zig.conv import ChannelAdapter, channel_families, get_channel_adapter
 from .zig.groups import ZIGFamily, ZIGMember, ZIGSet
-from .zig.transformers import _join, base_model_prefix, get_layout, transformer_families
+from .zig.transformers import _join, attention_geometry, base_model_prefix, get_layout, transformer_families
 
 
 logger = logging.get_logger(__name__)
@@ -133,18 +133,6 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _head_sizes(model: nn.Module) -> tuple[int, int, int | None]:
-    """(query heads, head size, key/value heads or None) of the dense architecture, from the config."""
-    layout = get_layout(model)
-    config = model.config
-    num_heads = getattr(config, layout.num_heads_config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    num_kv_heads = None
-    if layout.num_kv_heads_config:
-        num_kv_heads = getattr(config, layout.num_kv_heads_config, None) or num_heads
-    return num_heads, head_dim, num_kv_heads
-
-
 def current_layout(model: nn.Module) -> dict[str, Any]:
     """The sizes a model computes now: per-layer query heads, key/value heads (GQA models) and FFN rows of a
     supported transformer, or the channels of every channel family of a convolutional network.
@@ -167,14 +155,15 @@ def current_layout(model: nn.Module) -> dict[str, Any]:
         families, _ = channel_families(model)
         return {"format_version": LAYOUT_FORMAT_VERSION, "channels": {f.name: f.num_groups for f in families}}
     layout = get_layout(model)
-    _, head_dim, num_kv_heads = _head_sizes(model)
+    layers_path = _join(base_model_prefix(model), layout.layers)
     heads, kv_heads, ffn = [], [], []
-    for layer in _layers(model):
-        heads.append(layer.get_submodule(layout.query).out_features // head_dim)
-        kv_heads.append(layer.get_submodule(layout.key).out_features // head_dim)
+    for index, layer in enumerate(_layers(model)):
+        geometry = attention_geometry(model, _join(layers_path, str(index)), layout)
+        heads.append(geometry.num_heads)
+        kv_heads.append(geometry.num_kv_heads)
         ffn.append(layer.get_submodule(layout.up).out_features)
     result: dict[str, Any] = {"format_version": LAYOUT_FORMAT_VERSION, "num_attention_heads": heads}
-    if num_kv_heads is not None:
+    if layout.num_kv_heads_config is not None:
         result["num_key_value_heads"] = kv_heads
     result["intermediate_size"] = ffn
     return result
