@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .flops import count_flops, count_parameters
+from .flops import clamp_flops_seq_length, count_flops, count_parameters
 from .zig.build import SUPPORTED_FAMILIES, has_transformer_layout
 from .zig.conv import ChannelAdapter, channel_families, get_channel_adapter
 from .zig.groups import ZIGFamily, ZIGMember, ZIGSet
@@ -401,7 +401,8 @@ def prune_zero_groups(
         zigs ([`ZIGSet`]):
             Its zero-invariant groups, from [`build_zigs`]. Zero groups are read from `model`'s current weights.
         seq_length (`int`, *optional*, defaults to 128):
-            Sequence length (batch 1) of the dummy forward used to count FLOPs before and after.
+            Sequence length (batch 1) of the dummy forward used to count FLOPs before and after; clamped to
+            `config.max_position_embeddings` (the report's `seq_length` is the length used).
         inplace (`bool`, *optional*, defaults to `True`):
             Prune `model` itself; with `False`, prune and return a deep copy and leave `model` untouched.
         flops_inputs (`dict[str, torch.Tensor]`, *optional*):
@@ -432,6 +433,8 @@ def prune_zero_groups(
     masks = ZIGSet(model, zigs.families).family_zero_masks()
     channels = any(family.kind == "channels" for family in zigs.families)
     flops_inputs = flops_inputs if flops_inputs is not None or not channels else _image_inputs(model)
+    if flops_inputs is None:
+        seq_length = clamp_flops_seq_length(model, seq_length)
     params_before = count_parameters(model)
     flops_before = count_flops(model, seq_length=seq_length, inputs=flops_inputs)
     layout_before = _zigs_layout(zigs) if channels else current_layout(model)

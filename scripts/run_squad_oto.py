@@ -46,6 +46,7 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
+from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.run_outputs import (
     OTORunOutputArguments,
     check_pruned_dir,
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     zigs = trainer.zigs
     results.update(sparsity_results(zigs, by_family=False))
-    flops_seq_length = data_args.flops_seq_length or max_seq_length
+    flops_seq_length = clamp_flops_seq_length(trainer.model, data_args.flops_seq_length or max_seq_length)
     results["dense_params"] = count_parameters(trainer.model)
     results["dense_flops"] = count_flops(trainer.model, seq_length=flops_seq_length)
 

@@ -80,6 +80,7 @@ from hf_oto.data.text_classification import (
     tokenize_splits,
 )
 from hf_oto.distributed import check_distributed_support
+from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.model_card import write_model_card
 from hf_oto.run_outputs import check_pruned_dir, finish_run_outputs, parse_script_arguments, sparsity_results
 from hf_oto.trainer import auto_class_name, hspg_param_groups, prune_and_check
@@ -500,7 +501,7 @@ def write_outputs(
 ) -> None:
     """Main process: prune (checking the slim model's outputs), evaluate and predict with the slim model, save it
     with its card, and write `all_results.json`."""
-    seq_length = data_args.flops_seq_length or max_seq_length
+    seq_length = clamp_flops_seq_length(model, data_args.flops_seq_length or max_seq_length)
     results["dense_params"] = count_parameters(model)
     results["dense_flops"] = count_flops(model, seq_length=seq_length)
     check_split = features["validation"] if "validation" in features else features["train"]

@@ -355,3 +355,19 @@ def test_a_config_that_disagrees_with_the_modules_does_not_change_the_groups():
     model = tiny_model("bert")
     model.config.num_attention_heads = 8  # the modules still compute 4 heads of 8
     assert {family.num_groups for family in build_zigs(model).families if family.kind == "heads"} == {4}
+
+
+def test_the_flops_side_pass_never_fails_pruning():
+    """The default `seq_length=128` is longer than the tiny models' 64 positions: FLOPs are counted at 64."""
+    from hf_oto.costs import GroupCosts
+    from hf_oto.flops import clamp_flops_seq_length
+
+    model = tiny_model("bert")
+    zigs = build_zigs(model)
+    zigs.set_zero(sparse_masks(zigs))
+    assert GroupCosts.measure(zigs).seq_length == 64
+    slim, report = prune_zero_groups(model, zigs)
+    assert report.seq_length == 64 and "at seq_length=64" in str(report)
+    assert report.flops_after == count_flops(slim, seq_length=64)
+    assert clamp_flops_seq_length(slim, 16) == 16
+    assert clamp_flops_seq_length(nn.Linear(2, 2), 1000) == 1000
