@@ -55,6 +55,7 @@ from hf_oto.run_outputs import (
     write_run_outputs,
 )
 from hf_oto.squad import (
+    check_answerable,
     postprocess_qa_predictions,
     prepare_eval_features,
     prepare_train_features,
@@ -104,7 +105,10 @@ class DataTrainingArguments(OTORunOutputArguments):
 
 def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> DatasetDict:
     if data_args.dataset_name is not None:
-        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+        for split, dataset in raw.items():  # SQuAD v2 (e.g. squad_v2): refused before training, not at evaluation
+            check_answerable(dataset["answers"], f"{data_args.dataset_name} ({split} split)")
+        return raw
     splits = {}
     for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
         if path is not None:
