@@ -393,7 +393,8 @@ def prune_zero_groups(
     `config.json`.
 
     After pruning, `zigs` (and any optimizer built on the old parameters) is stale: the model holds new parameter
-    tensors of new shapes. Build new ZIGs with [`build_zigs`] only from a dense model.
+    tensors of new shapes. Build new ZIGs with [`build_zigs`] on the slim model to prune it again (it reads the heads
+    from the modules, so a second round is exact).
 
     Args:
         model (`nn.Module`):

@@ -60,7 +60,9 @@ def build_zigs(
         model (`nn.Module`):
             A transformers model of a supported `model_type` (any of its `*For...` task variants) for `"heads"` and
             `"ffn"`; any convolutional network that `torch.fx` can trace (a transformers model such as
-            `ResNetForImageClassification`, or a plain `nn.Module`) for `"channels"`.
+            `ResNetForImageClassification`, or a plain `nn.Module`) for `"channels"`. An already pruned transformer
+            (from [`~hf_oto.pruning.prune_zero_groups`] or [`~hf_oto.modeling.load_pruned_model`]) works: head counts
+            and sizes are read from its modules, not its config, so pruning it again is exact.
         families (`Sequence[str]`, *optional*):
             Which kinds of groups to build: `"heads"` (the q/k/v rows of one attention head; with grouped-query
             attention, one key/value head with the query heads that share it), `"ffn"` (one row of the FFN up
