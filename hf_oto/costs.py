@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.utils import logging
 
-from .flops import dummy_inputs, module_flops
+from .flops import clamp_flops_seq_length, dummy_inputs, module_flops
 from .zig.groups import ZIGSet
 
 
@@ -128,13 +128,8 @@ class GroupCosts:
             [`GroupCosts`]
         """
         model = zigs.model
-        max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-        if inputs is None and max_positions and seq_length > max_positions:
-            logger.info(
-                f"Costing groups at {max_positions} tokens (config.max_position_embeddings), not {seq_length}."
-            )
-            seq_length = int(max_positions)
         if inputs is None:
+            seq_length = clamp_flops_seq_length(model, seq_length)
             inputs = dummy_inputs(model, seq_length=seq_length)
         measured = module_flops(model, inputs=inputs)
         parameters = dict(model.named_parameters())

@@ -74,6 +74,32 @@ def _query_modules(model: nn.Module) -> Iterator[nn.Linear]:
             yield query
 
 
+def clamp_flops_seq_length(model: nn.Module, seq_length: int) -> int:
+    """The token length at which to count a model's FLOPs: `seq_length`, at most `config.max_position_embeddings`.
+
+    Counting FLOPs is a side pass (of pruning, of costing groups, of a script's report) and must not fail a run: a
+    default of 128 tokens is longer than what a model with 64 positions accepts. Logs a warning when it clamps.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig, BertModel
+    >>> from hf_oto.flops import clamp_flops_seq_length
+
+    >>> clamp_flops_seq_length(BertModel(BertConfig(max_position_embeddings=64)), 128)
+    64
+    ```
+    """
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(max_positions, int) and 0 < max_positions < seq_length:
+        logger.warning(
+            f"Counting FLOPs at {max_positions} tokens (config.max_position_embeddings of {type(model).__name__}), "
+            f"not the {seq_length} asked for."
+        )
+        return max_positions
+    return seq_length
+
+
 def dummy_inputs(model: nn.Module, seq_length: int = 128, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """Dummy inputs for `model.main_input_name`: token ids of length `seq_length`, or pixels at `config.image_size`."""
     config = getattr(model, "config", None)

@@ -146,15 +146,48 @@ def _aliases(model: nn.Module) -> dict[str, set[str]]:
     return {name: names for names in by_tensor.values() if len(names) > 1 for name in names}
 
 
+def _is_repo_id(text: str) -> bool:
+    """Whether `text` is a valid Hub repo id (`name` or `owner/name`)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _looks_local(text: str) -> bool:
+    """Whether `text` names a local path rather than a Hub repo id: absolute, `~`, `./`, `../`, more than
+    `owner/name`, a Windows separator, a first part that exists here, or not a valid repo id at all."""
+    path = Path(text).expanduser()
+    if path.is_absolute() or text.startswith(("~", ".")) or "\\" in text or len(Path(text).parts) > 2:
+        return True
+    if len(path.parts) == 2 and Path(path.parts[0]).exists():
+        return True
+    return not _is_repo_id(text)
+
+
 def _resolve_folder(directory: str | os.PathLike, revision: str | None) -> Path:
-    """A local folder as is; anything else is taken as a Hub repo id and downloaded (weights, config, tokenizer)."""
-    path = Path(directory)
-    if path.is_dir() or os.path.isabs(str(directory)) or str(directory).startswith("."):
+    """A local folder as is; a path that looks local but does not exist raises `FileNotFoundError`; a Hub repo id
+    (`owner/name`) is downloaded (weights, config, tokenizer)."""
+    path = Path(directory).expanduser()
+    if path.is_dir():
         return path
+    text = str(directory)
+    if path.exists():
+        raise ValueError(
+            f"{text!r} is a file, not a folder: load_pruned_model needs the folder written by `save_pruned_model`."
+        )
+    if isinstance(directory, os.PathLike) or _looks_local(text):
+        raise FileNotFoundError(
+            f"The folder {text!r} does not exist (resolved to {str(path.resolve())!r}). Check the path (the folder "
+            "written by `save_pruned_model`); to load from the Hub, pass a repo id such as 'owner/name'."
+        )
     from huggingface_hub import snapshot_download
 
-    logger.info(f"{str(directory)!r} is not a local folder: downloading it from the Hub.")
-    return Path(snapshot_download(str(directory), revision=revision, ignore_patterns=["onnx/*", "*.onnx"]))
+    logger.info(f"{text!r} is not a local folder: downloading it from the Hub.")
+    return Path(snapshot_download(text, revision=revision, ignore_patterns=["onnx/*", "*.onnx"]))
 
 
 def load_pruned_model(
@@ -167,7 +200,9 @@ def load_pruned_model(
 
     Args:
         directory (`str` or `os.PathLike`):
-            The folder written by [`save_pruned_model`], or the id of a Hub repository holding one.
+            The folder written by [`save_pruned_model`], or the id (`owner/name`) of a Hub repository holding one. A
+            path that looks local (absolute, `./`, `../`, `~`, more than `owner/name`, a first part that exists here,
+            a `Path`) and does not exist raises `FileNotFoundError` instead of going to the Hub.
         auto_class (`type`, *optional*, defaults to `AutoModel`):
             An `AutoModel*` class (e.g. `AutoModelForQuestionAnswering`) or a concrete model class
             (e.g. `BertForQuestionAnswering`).

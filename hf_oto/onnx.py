@@ -234,6 +234,11 @@ def check_onnx_outputs(model: nn.Module, directory: str | os.PathLike, *, atol: 
                 f"ONNX output {name!r} has shape {value.shape} but the PyTorch model gives {reference.shape}; the "
                 "export does not match the model. Please report this with the model's config."
             )
+        if not (np.isfinite(reference).all() and np.isfinite(value).all()):
+            raise ValueError(
+                f"Output {name!r} holds NaN or infinite values (PyTorch: {int((~np.isfinite(reference)).sum())}, ONNX: "
+                f"{int((~np.isfinite(value)).sum())}), so the export cannot be checked: fix the model's weights first."
+            )
         differences[name] = float(np.abs(reference - value).max()) if value.size else 0.0
     if not differences:
         raise ValueError(f"None of the ONNX outputs {output_names} is an output of {type(model).__name__}.")

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .flops import count_flops, count_parameters
+from .flops import clamp_flops_seq_length, count_flops, count_parameters
 from .zig.build import SUPPORTED_FAMILIES, has_transformer_layout
 from .zig.conv import ChannelAdapter, channel_families, get_channel_adapter
 from .zig.groups import ZIGFamily, ZIGMember, ZIGSet
-from .zig.transformers import _join, base_model_prefix, get_layout, transformer_families
+from .zig.transformers import _join, attention_geometry, base_model_prefix, get_layout, transformer_families
 
 
 logger = logging.get_logger(__name__)
@@ -133,18 +133,6 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _head_sizes(model: nn.Module) -> tuple[int, int, int | None]:
-    """(query heads, head size, key/value heads or None) of the dense architecture, from the config."""
-    layout = get_layout(model)
-    config = model.config
-    num_heads = getattr(config, layout.num_heads_config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    num_kv_heads = None
-    if layout.num_kv_heads_config:
-        num_kv_heads = getattr(config, layout.num_kv_heads_config, None) or num_heads
-    return num_heads, head_dim, num_kv_heads
-
-
 def current_layout(model: nn.Module) -> dict[str, Any]:
     """The sizes a model computes now: per-layer query heads, key/value heads (GQA models) and FFN rows of a
     supported transformer, or the channels of every channel family of a convolutional network.
@@ -167,14 +155,15 @@ def current_layout(model: nn.Module) -> dict[str, Any]:
         families, _ = channel_families(model)
         return {"format_version": LAYOUT_FORMAT_VERSION, "channels": {f.name: f.num_groups for f in families}}
     layout = get_layout(model)
-    _, head_dim, num_kv_heads = _head_sizes(model)
+    layers_path = _join(base_model_prefix(model), layout.layers)
     heads, kv_heads, ffn = [], [], []
-    for layer in _layers(model):
-        heads.append(layer.get_submodule(layout.query).out_features // head_dim)
-        kv_heads.append(layer.get_submodule(layout.key).out_features // head_dim)
+    for index, layer in enumerate(_layers(model)):
+        geometry = attention_geometry(model, _join(layers_path, str(index)), layout)
+        heads.append(geometry.num_heads)
+        kv_heads.append(geometry.num_kv_heads)
         ffn.append(layer.get_submodule(layout.up).out_features)
     result: dict[str, Any] = {"format_version": LAYOUT_FORMAT_VERSION, "num_attention_heads": heads}
-    if num_kv_heads is not None:
+    if layout.num_kv_heads_config is not None:
         result["num_key_value_heads"] = kv_heads
     result["intermediate_size"] = ffn
     return result
@@ -404,7 +393,8 @@ def prune_zero_groups(
     `config.json`.
 
     After pruning, `zigs` (and any optimizer built on the old parameters) is stale: the model holds new parameter
-    tensors of new shapes. Build new ZIGs with [`build_zigs`] only from a dense model.
+    tensors of new shapes. Build new ZIGs with [`build_zigs`] on the slim model to prune it again (it reads the heads
+    from the modules, so a second round is exact).
 
     Args:
         model (`nn.Module`):
@@ -412,7 +402,8 @@ def prune_zero_groups(
         zigs ([`ZIGSet`]):
             Its zero-invariant groups, from [`build_zigs`]. Zero groups are read from `model`'s current weights.
         seq_length (`int`, *optional*, defaults to 128):
-            Sequence length (batch 1) of the dummy forward used to count FLOPs before and after.
+            Sequence length (batch 1) of the dummy forward used to count FLOPs before and after; clamped to
+            `config.max_position_embeddings` (the report's `seq_length` is the length used).
         inplace (`bool`, *optional*, defaults to `True`):
             Prune `model` itself; with `False`, prune and return a deep copy and leave `model` untouched.
         flops_inputs (`dict[str, torch.Tensor]`, *optional*):
@@ -443,6 +434,8 @@ def prune_zero_groups(
     masks = ZIGSet(model, zigs.families).family_zero_masks()
     channels = any(family.kind == "channels" for family in zigs.families)
     flops_inputs = flops_inputs if flops_inputs is not None or not channels else _image_inputs(model)
+    if flops_inputs is None:
+        seq_length = clamp_flops_seq_length(model, seq_length)
     params_before = count_parameters(model)
     flops_before = count_flops(model, seq_length=seq_length, inputs=flops_inputs)
     layout_before = _zigs_layout(zigs) if channels else current_layout(model)

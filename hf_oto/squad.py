@@ -34,22 +34,165 @@ def _not_squad(path: str | os.PathLike, problem: str) -> ValueError:
     )
 
 
-def _check_answers(path, record_id, context, answers: Mapping[str, Sequence]) -> None:
-    texts, starts = answers.get("text"), answers.get("answer_start")
-    if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
-        raise _not_squad(path, f"question {record_id!r} has malformed answers {answers!r}")
-    for text, start in zip(texts, starts):
-        if not isinstance(start, int) or context[start : start + len(text)] != text:
+ALIGN_WINDOW = 50
+"""How far (in characters) from `answer_start` an answer that differs from its context only by whitespace is looked
+for."""
+
+
+def _unanswerable(path: str | os.PathLike, where: str) -> ValueError:
+    return ValueError(
+        f"{path} holds SQuAD v2 data: {where} is unanswerable (`is_impossible` or no answer). hf_oto trains and "
+        "evaluates SQuAD v1.1 only (every question has an answer in its context; the v1.1 metric has no 'no answer'"
+        "), so the run would fail at evaluation. Use SQuAD v1.1 files, or drop the unanswerable questions."
+    )
+
+
+def align_answer(context: str, text: str, start: int) -> tuple[str, int] | None:
+    """Where `text` is in `context`: `(text, start)` when it is at `start`, else the span of `context` equal to `text`
+    up to whitespace (doubled spaces, a newline) nearest to `start` within [`ALIGN_WINDOW`] characters, as
+    `(span, span_start)`; `None` when there is none.
+
+    Example:
+
+    ```python
+    >>> align_answer("in  the North\nSea.", "the North Sea", 4)
+    ('the North\nSea', 4)
+    ```
+    """
+    if context[start : start + len(text)] == text:
+        return text, start
+    words = text.split()
+    if not words:
+        return None
+    pattern = re.compile(r"\s+".join(re.escape(word) for word in words))
+    matches = pattern.finditer(context, max(0, start - ALIGN_WINDOW), start + len(text) + 2 * ALIGN_WINDOW)
+    near = [m for m in matches if abs(m.start() - start) <= ALIGN_WINDOW]
+    if not near:
+        return None
+    best = min(near, key=lambda m: abs(m.start() - start))
+    return best.group(), best.start()
+
+
+class _SquadReader:
+    """Checks the entries of one SQuAD file, naming the location of the first bad one, and counts realigned answers."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self.realigned = 0
+        self.locations: dict[str, str] = {}
+
+    def fail(self, where: str, problem: str) -> ValueError:
+        return _not_squad(self.path, f"{where}: {problem}")
+
+    def record(
+        self, where: str, qid: Any, title: Any, context: Any, question: Any, answers: list[tuple[Any, Any]]
+    ) -> dict[str, Any]:
+        if not isinstance(qid, (str, int)) or isinstance(qid, bool) or str(qid) == "":
+            raise self.fail(where, f'"id" must be a non-empty string; got {qid!r}')
+        qid = str(qid)
+        where = f"{where} (id {qid!r})"
+        if qid in self.locations:
             raise _not_squad(
-                path, f"question {record_id!r}: answer {text!r} is not found at answer_start={start} of its context"
+                self.path,
+                f"the question id {qid!r} is used twice ({self.locations[qid]} and {where}); ids must be unique, "
+                "or the predictions of one question overwrite the other's and exact match / F1 are wrong",
             )
+        self.locations[qid] = where
+        if not isinstance(context, str):
+            raise self.fail(where, f'"context" must be a string; got {type(context).__name__}')
+        if not isinstance(question, str) or not question.strip():
+            raise self.fail(where, f'"question" must be a non-empty string; got {question!r}')
+        if not answers:
+            raise _unanswerable(self.path, where)
+        texts, starts = [], []
+        for index, (text, start) in enumerate(answers):
+            if not isinstance(text, str) or not text.strip():
+                raise self.fail(where, f'answer {index} has no "text" (got {text!r})')
+            if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < len(context):
+                raise self.fail(where, f'answer {index} has "answer_start" {start!r}, not an index into its context')
+            aligned = align_answer(context, text, start)
+            if aligned is None:
+                raise self.fail(where, f"answer {index} {text!r} is not found at answer_start={start} of its context")
+            if aligned != (text, start):
+                self.realigned += 1
+            texts.append(aligned[0])
+            starts.append(aligned[1])
+        return {
+            "id": qid,
+            "title": title if isinstance(title, str) else "",
+            "context": context,
+            "question": question,
+            "answers": {"text": texts, "answer_start": starts},
+        }
+
+    def nested(self, payload: dict) -> list[dict[str, Any]]:
+        records = []
+        if not isinstance(payload.get("data"), list):
+            raise _not_squad(self.path, f'the top-level object has no "data" list (keys: {sorted(payload)[:5]})')
+        for a, article in enumerate(payload["data"]):
+            if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
+                raise self.fail(f"article {a}", 'it is not an object with a "paragraphs" list')
+            for p, paragraph in enumerate(article["paragraphs"]):
+                where = f"article {a}, paragraph {p}"
+                if not isinstance(paragraph, dict) or "context" not in paragraph or "qas" not in paragraph:
+                    raise self.fail(where, 'it is not an object with "context" and "qas"')
+                if not isinstance(paragraph["qas"], list):
+                    raise self.fail(where, '"qas" must be a list of questions')
+                for q, qa in enumerate(paragraph["qas"]):
+                    here = f"{where}, question {q}"
+                    if not isinstance(qa, dict):
+                        raise self.fail(here, f"it is a {type(qa).__name__}, not an object")
+                    missing = [key for key in ("id", "question", "answers") if key not in qa]
+                    if missing:
+                        raise self.fail(here, f"it lacks {missing}")
+                    if qa.get("is_impossible"):
+                        raise _unanswerable(self.path, f"{here} (id {qa['id']!r})")
+                    if not isinstance(qa["answers"], list) or not all(isinstance(x, dict) for x in qa["answers"]):
+                        raise self.fail(here, f'"answers" must be a list of objects; got {qa["answers"]!r}')
+                    pairs = [(answer.get("text"), answer.get("answer_start")) for answer in qa["answers"]]
+                    records.append(
+                        self.record(
+                            here, qa["id"], article.get("title", ""), paragraph["context"], qa["question"], pairs
+                        )
+                    )
+        return records
+
+    def flat(self, payload: list) -> list[dict[str, Any]]:
+        records = []
+        for index, record in enumerate(payload):
+            where = f"record {index}"
+            if not isinstance(record, dict):
+                raise self.fail(where, f"it is a {type(record).__name__}, not an object")
+            missing = [key for key in ("id", "context", "question", "answers") if key not in record]
+            if missing:
+                raise self.fail(where, f"it lacks the columns {missing}")
+            answers = record["answers"]
+            texts = answers.get("text") if isinstance(answers, dict) else None
+            starts = answers.get("answer_start") if isinstance(answers, dict) else None
+            if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+                raise self.fail(where, f"malformed answers {answers!r}")
+            records.append(
+                self.record(
+                    where,
+                    record["id"],
+                    record.get("title", ""),
+                    record["context"],
+                    record["question"],
+                    list(zip(texts, starts)),
+                )
+            )
+        return records
 
 
 def read_squad_file(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Reads a local SQuAD-format file into flat records `{"id", "title", "context", "question", "answers"}`.
+    """Reads a local SQuAD v1.1-format file into flat records `{"id", "title", "context", "question", "answers"}`.
 
     Accepts the official nested SQuAD v1.1 JSON and flat JSON lines / JSON lists (the layout of the `squad` dataset
-    on the Hub). Anything else raises a `ValueError` that says what is wrong.
+    on the Hub). An answer whose text differs from its context only by whitespace (doubled spaces, a newline; the
+    official files have some) is aligned to the span of the context nearest to its `answer_start` (the official
+    metric normalises whitespace) and the number of such answers is logged. Anything else raises a `ValueError` that
+    says what is wrong and where (article, paragraph and question index, or record index, and the question id):
+    malformed entries, duplicate question ids, and SQuAD v2 data (unanswerable questions), which is not supported.
 
     Example:
 
@@ -70,48 +213,32 @@ def read_squad_file(path: str | os.PathLike) -> list[dict[str, Any]]:
             payload = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as error:
             raise _not_squad(path, f"it is neither JSON nor JSON lines ({error})") from None
-    records: list[dict[str, Any]] = []
+    reader = _SquadReader(path)
     if isinstance(payload, dict):
-        if not isinstance(payload.get("data"), list):
-            raise _not_squad(path, f'the top-level object has no "data" list (keys: {sorted(payload)[:5]})')
-        for article in payload["data"]:
-            if not isinstance(article, dict) or not isinstance(article.get("paragraphs"), list):
-                raise _not_squad(path, 'an article has no "paragraphs" list')
-            for paragraph in article["paragraphs"]:
-                if not isinstance(paragraph, dict) or "context" not in paragraph or "qas" not in paragraph:
-                    raise _not_squad(path, 'a paragraph lacks "context" or "qas"')
-                for qa in paragraph["qas"]:
-                    missing = [key for key in ("id", "question", "answers") if key not in qa]
-                    if missing:
-                        raise _not_squad(path, f"a question lacks {missing}")
-                    answers = {
-                        "text": [answer.get("text") for answer in qa["answers"]],
-                        "answer_start": [answer.get("answer_start") for answer in qa["answers"]],
-                    }
-                    _check_answers(path, qa["id"], paragraph["context"], answers)
-                    records.append(
-                        {
-                            "id": str(qa["id"]),
-                            "title": article.get("title", ""),
-                            "context": paragraph["context"],
-                            "question": qa["question"],
-                            "answers": answers,
-                        }
-                    )
+        records = reader.nested(payload)
     elif isinstance(payload, list):
-        for index, record in enumerate(payload):
-            if not isinstance(record, dict):
-                raise _not_squad(path, f"record {index} is not an object")
-            missing = [key for key in ("id", "context", "question", "answers") if key not in record]
-            if missing:
-                raise _not_squad(path, f"record {index} lacks the columns {missing}")
-            _check_answers(path, record["id"], record["context"], record["answers"])
-            records.append({"title": "", **{key: record[key] for key in record if key in SQUAD_COLUMNS}})
+        records = reader.flat(payload)
     else:
         raise _not_squad(path, f"the top level is a {type(payload).__name__}")
     if not records:
         raise _not_squad(path, "it holds no question")
+    if reader.realigned:
+        logger.warning(
+            f"{path}: {reader.realigned} answers differ from their context only by whitespace; aligned them to the "
+            "context (the official SQuAD metric normalises whitespace)."
+        )
     return records
+
+
+def check_answerable(answers: Sequence[Mapping[str, Sequence]], source: str) -> None:
+    """Refuses SQuAD v2 data (a question without an answer) before training, e.g. a Hub dataset's `answers` column.
+
+    Raises:
+        `ValueError`: naming the first unanswerable question.
+    """
+    for index, answer in enumerate(answers):
+        if not answer.get("text"):
+            raise _unanswerable(source, f"example {index}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,6 +404,8 @@ def squad_metrics(predictions: Mapping[str, str], references: Iterable[Mapping[s
             logger.warning(f"No prediction for question {reference['id']}; it counts as wrong.")
             continue
         truths = reference["answers"]["text"]
+        if not truths:
+            raise _unanswerable("The references", f"question {reference['id']!r}")
         exact += max(float(normalize_answer(prediction) == normalize_answer(truth)) for truth in truths)
         f1 += max(_f1(prediction, truth) for truth in truths)
     if total == 0:

@@ -635,15 +635,29 @@ def _floating_tensors(outputs: Any) -> list[torch.Tensor]:
 
 
 def _max_abs_difference(reference: Any, outputs: Any) -> float:
-    """Largest absolute difference between the floating-point tensors of two model outputs (of the same structure)."""
+    """Largest absolute difference between the floating-point tensors of two model outputs (of the same structure).
+
+    A NaN or infinite value in either output is a failure (`RuntimeError`), never a difference of 0: `max(0.0, nan)`
+    is 0.0 in Python, so a comparison of maxima would pass a model that outputs NaN.
+    """
     expected, actual = _floating_tensors(reference), _floating_tensors(outputs)
     if len(expected) != len(actual) or not expected:
         raise RuntimeError(
             f"The pruned model returns {len(actual)} floating-point outputs, the group-sparse model {len(expected)}."
         )
     difference = 0.0
-    for left, right in zip(expected, actual):
+    for index, (left, right) in enumerate(zip(expected, actual)):
         if left.shape != right.shape:
             raise RuntimeError(f"Output shapes differ after pruning: {tuple(left.shape)} vs {tuple(right.shape)}.")
+        for tensor, whose, hint in (
+            (left, "group-sparse", "training diverged (lower the learning rate or lambda) or the weights hold NaN"),
+            (right, "pruned", "pruning was not exact: please report this with the model type and the OTO arguments"),
+        ):
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise RuntimeError(
+                    f"Output {index} of the {whose} model holds {bad} NaN or infinite values of {tensor.numel()} on "
+                    f"the check batch, so the pruned model cannot be checked: {hint}."
+                )
         difference = max(difference, float((left.float() - right.float()).abs().max()))
     return difference

@@ -46,10 +46,12 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
+from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
 from hf_oto.run_outputs import OTORunOutputArguments, parse_script_arguments, sparsity_results, write_run_outputs
 from hf_oto.squad import (
+    check_answerable,
     postprocess_qa_predictions,
     prepare_eval_features,
     prepare_train_features,
@@ -99,7 +101,10 @@ class DataTrainingArguments(OTORunOutputArguments):
 
 def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -> DatasetDict:
     if data_args.dataset_name is not None:
-        return load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
+        for split, dataset in raw.items():  # SQuAD v2 (e.g. squad_v2): refused before training, not at evaluation
+            check_answerable(dataset["answers"], f"{data_args.dataset_name} ({split} split)")
+        return raw
     splits = {}
     for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
         if path is not None:
@@ -200,7 +205,7 @@ def train_prune_and_save(
 
     zigs = trainer.zigs
     results.update(sparsity_results(zigs, by_family=False))
-    flops_seq_length = data_args.flops_seq_length or max_seq_length
+    flops_seq_length = clamp_flops_seq_length(trainer.model, data_args.flops_seq_length or max_seq_length)
     results["dense_params"] = count_parameters(trainer.model)
     results["dense_flops"] = count_flops(trainer.model, seq_length=flops_seq_length)
 

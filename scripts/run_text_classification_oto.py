@@ -63,6 +63,7 @@ from hf_oto.data.text_classification import (  # noqa: F401  (build_label_list, 
     load_text_classification_splits,
     tokenize_splits,
 )
+from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
 from hf_oto.run_outputs import parse_script_arguments, sparsity_results, write_run_outputs
@@ -144,7 +145,7 @@ def train_prune_and_save(
 
     zigs = trainer.zigs
     results.update(sparsity_results(zigs))
-    flops_seq_length = data_args.flops_seq_length or max_seq_length
+    flops_seq_length = clamp_flops_seq_length(trainer.model, data_args.flops_seq_length or max_seq_length)
     results["dense_params"] = count_parameters(trainer.model)
     results["dense_flops"] = count_flops(trainer.model, seq_length=flops_seq_length)
 

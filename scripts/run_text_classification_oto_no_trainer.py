@@ -42,6 +42,7 @@ FSDP and DeepSpeed are refused (see `hf_oto.distributed`): HSPG needs whole para
 from __future__ import annotations
 
 import copy
+import json
 import logging as std_logging
 import math
 import os
@@ -80,6 +81,7 @@ from hf_oto.data.text_classification import (
     tokenize_splits,
 )
 from hf_oto.distributed import check_distributed_support
+from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.model_card import write_model_card
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
@@ -94,6 +96,10 @@ CHECKPOINTS = "checkpoints"
 """Subfolder of `--output_dir` holding the checkpoints `step_<N>`."""
 PARTIAL_PREFIX = ".partial-"
 """Prefix of a checkpoint being written; renamed to `step_<N>` once complete."""
+PROGRESS_FILE = "training_progress.json"
+"""The loop's [`TrainingProgress`] in a checkpoint, as JSON. Not `accelerator.register_for_checkpointing`: Accelerate
+pickles registered objects to `custom_checkpoint_<i>.pkl` and `load_state` unpickles them with `weights_only=False`,
+which runs whatever code a planted file holds."""
 
 
 @dataclass
@@ -173,7 +179,7 @@ class LoopArguments:
 
 @dataclass
 class TrainingProgress:
-    """Where the loop is; saved in every checkpoint with `accelerator.register_for_checkpointing`."""
+    """Where the loop is; saved in every checkpoint as JSON ([`PROGRESS_FILE`]), never pickled."""
 
     completed_steps: int = 0
     epoch: int = 0
@@ -187,6 +193,34 @@ class TrainingProgress:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+    def save(self, checkpoint: Path) -> None:
+        """Writes the progress to `<checkpoint>/training_progress.json`."""
+        (checkpoint / PROGRESS_FILE).write_text(json.dumps(self.state_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def load(self, checkpoint: Path) -> None:
+        """Reads `<checkpoint>/training_progress.json` (JSON only: no code runs), checking its fields and types."""
+        path = checkpoint / PROGRESS_FILE
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Cannot read the training progress {str(path)!r} ({error}); resume from another checkpoint."
+            ) from error
+        fields = self.state_dict()
+        if (
+            not isinstance(state, dict)
+            or set(state) != set(fields)
+            or not all(
+                isinstance(state[key], type(value)) and not isinstance(state[key], bool)
+                for key, value in fields.items()
+            )
+        ):
+            raise ValueError(
+                f"{str(path)!r} is not the training progress of this script: expected the fields "
+                f"{ {key: type(value).__name__ for key, value in fields.items()} }, got {state!r}."
+            )
+        self.load_state_dict(state)
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple:
@@ -212,19 +246,37 @@ def resolve_checkpoint(resume_from_checkpoint: str, output_dir: str) -> Path:
                 f"--resume_from_checkpoint latest: no complete checkpoint in {os.path.join(output_dir, CHECKPOINTS)!r}"
                 ". Drop the flag to start a new run."
             )
-        return checkpoints[-1]
+        return refuse_pickled_state(checkpoints[-1])
     path = Path(resume_from_checkpoint)
-    if not (path / "custom_checkpoint_0.pkl").is_file():
+    if not (path / PROGRESS_FILE).is_file():
         raise ValueError(
             f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint of this script (expected a "
-            f"folder <output_dir>/{CHECKPOINTS}/step_<N>), or 'latest'."
+            f"folder <output_dir>/{CHECKPOINTS}/step_<N> with {PROGRESS_FILE}), or 'latest'."
         )
-    return path
+    return refuse_pickled_state(path)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> Path:
-    """`accelerator.save_state` into a temporary folder, renamed to `step_<step>` once every process has written
-    its part: a job killed while saving leaves the previous checkpoints intact."""
+def refuse_pickled_state(checkpoint: Path) -> Path:
+    """Refuses a checkpoint holding `custom_checkpoint_*.pkl`: this script never writes one, and Accelerate's
+    `load_state` would unpickle it with `weights_only=False`, running any code it holds."""
+    planted = sorted(path.name for path in checkpoint.glob("custom_checkpoint_*.pkl"))
+    if planted:
+        raise ValueError(
+            f"The checkpoint {str(checkpoint)!r} holds {planted}, which this script never writes (its progress is in "
+            f"{PROGRESS_FILE}). Accelerate's `load_state` would unpickle it with `weights_only=False`, which runs any "
+            "code it holds, so it is not loaded. Resume from a checkpoint written by this script, or delete the file "
+            "if you know where it comes from (checkpoints of hf_oto versions that pickled the progress cannot be "
+            "resumed)."
+        )
+    return checkpoint
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str, progress: TrainingProgress, total_limit: int | None
+) -> Path:
+    """`accelerator.save_state` (and the progress as JSON) into a temporary folder, renamed to `step_<step>` once
+    every process has written its part: a job killed while saving leaves the previous checkpoints intact."""
+    step = progress.completed_steps
     folder = Path(output_dir) / CHECKPOINTS
     final, partial = folder / f"step_{step}", folder / f"{PARTIAL_PREFIX}step_{step}"
     if accelerator.is_main_process:
@@ -232,6 +284,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
         folder.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        progress.save(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -384,9 +438,9 @@ def train_prune_and_save(
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        accelerator.load_state(str(refuse_pickled_state(checkpoint)))
+        progress.load(checkpoint)
         logger.info(
             f"Resumed from {checkpoint} at step {progress.completed_steps} (HSPG stage "
             f"{unwrap_optimizer(optimizer).stage}, "
@@ -440,14 +494,14 @@ def train_prune_and_save(
                 logger.info(f"step {step}/{max_steps}: {logs}")
                 window_loss, window_batches = 0.0, 0
             if loop_args.checkpointing_steps and step % loop_args.checkpointing_steps == 0 and step < max_steps:
-                save_checkpoint(accelerator, loop_args.output_dir, step, loop_args.checkpoints_total_limit)
+                save_checkpoint(accelerator, loop_args.output_dir, progress, loop_args.checkpoints_total_limit)
             if step >= max_steps:
                 break
         else:
             progress.epoch += 1
             progress.batches_in_epoch = 0
     if loop_args.checkpointing_steps:
-        save_checkpoint(accelerator, loop_args.output_dir, progress.completed_steps, loop_args.checkpoints_total_limit)
+        save_checkpoint(accelerator, loop_args.output_dir, progress, loop_args.checkpoints_total_limit)
 
     totals = torch.tensor([progress.loss_sum, progress.loss_count], device=accelerator.device, dtype=torch.float64)
     totals = accelerator.reduce(totals, reduction="sum")
@@ -509,7 +563,7 @@ def write_outputs(
 ) -> None:
     """Main process: prune (checking the slim model's outputs), evaluate and predict with the slim model, save it
     with its card, and write `all_results.json`."""
-    seq_length = data_args.flops_seq_length or max_seq_length
+    seq_length = clamp_flops_seq_length(model, data_args.flops_seq_length or max_seq_length)
     results["dense_params"] = count_parameters(model)
     results["dense_flops"] = count_flops(model, seq_length=seq_length)
     check_split = features["validation"] if "validation" in features else features["train"]

@@ -70,3 +70,29 @@ def write_tiny_qa_model(directory: Path) -> Path:
     )
     BertForQuestionAnswering(config).save_pretrained(directory)
     return directory
+
+
+def squad_json_with_whitespace_answers() -> dict:
+    """Like the official files: answers whose text differs from the context only by whitespace (a doubled space, a
+    newline, an `answer_start` one character late), next to an exact one."""
+    context = "The Rhine flows from the Alps to the  North\nSea. It passes Basel  and Cologne."
+    qas = [
+        {
+            "id": "w0",
+            "question": "Where does the Rhine end?",
+            "answers": [{"text": "the North Sea", "answer_start": 33}],
+        },
+        {"id": "w1", "question": "Which cities?", "answers": [{"text": "Basel and Cologne", "answer_start": 60}]},
+        {"id": "w2", "question": "From where?", "answers": [{"text": "the Alps", "answer_start": 21}]},
+    ]
+    return {"version": "1.1", "data": [{"title": "rhine", "paragraphs": [{"context": context, "qas": qas}]}]}
+
+
+def squad_v2_json() -> dict:
+    """SQuAD v2: an unanswerable question (`is_impossible`, no answers) next to an answerable one."""
+    data = squad_json()
+    data["version"] = "v2.0"
+    data["data"][0]["paragraphs"][0]["qas"].append(
+        {"id": "impossible", "question": "Who wrote the city?", "answers": [], "is_impossible": True}
+    )
+    return data

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -337,3 +339,41 @@ def test_norm_penalty_leaves_out_filters_only_where_the_norm_alone_reads_them():
     assert [(f.name, f.num_groups) for f in both[0].families] == [(f.name, f.num_groups) for f in both[1].families]
     with pytest.raises(ValueError, match="channel_penalty must be one of"):
         build_zigs(tiny_vgg(), channel_penalty="bn")
+
+
+@pytest.mark.parametrize("variant", ["adamw", "sgd"])
+def test_channels_last_convnet_trains_with_hspg_and_prunes_exactly(variant):
+    """HSPG and the sparsity reading work on `channels_last` weights (not viewable as `[groups, -1]`): the same
+    steps as on a contiguous twin, zero groups stay zero, and the slim model gives the group-sparse outputs."""
+    from hf_oto.optim import HSPG
+
+    torch.manual_seed(0)
+    contiguous = randomize_batch_norms(tiny_cifar_resnet()).double()  # float64: Adam would amplify rounding
+    channels_last = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
+    assert any(not m.weight.is_contiguous() for m in channels_last.modules() if isinstance(m, nn.Conv2d))
+    trained = []
+    for model in (contiguous, channels_last):
+        zigs = build_zigs(model)
+        zigs.set_zero(_zero_mask(zigs, "random-half"))
+        optimizer = HSPG(model.parameters(), zigs, lr=1e-2, lmbda=1e-1, init_steps=2, variant=variant)
+        model.train()
+        for step in range(5):
+            pixels = images(model, seed=step).double()
+            if model is channels_last:
+                pixels = pixels.contiguous(memory_format=torch.channels_last)
+            loss = logits(model, pixels).logsumexp(-1).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        trained.append((model, zigs))
+    (dense, dense_zigs), (model, zigs) = trained
+    for (name, a), b in zip(dense.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-10, msg=name)
+    assert zigs.num_zero_groups() == dense_zigs.num_zero_groups() > 0
+    torch.testing.assert_close(zigs.group_norms(), dense_zigs.group_norms(), rtol=0, atol=1e-6)
+    model.eval()
+    pixels = images(model).double().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        reference = logits(model, pixels)
+        slim, _ = prune_zero_groups(model, zigs)
+        assert (logits(slim, pixels) - reference).abs().max() < TOLERANCE

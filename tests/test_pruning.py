@@ -309,3 +309,65 @@ def test_apply_layout_rejects_inconsistent_gqa_layout():
     }
     with pytest.raises(ValueError, match="key/value heads"):
         apply_layout(tiny_model("llama"), layout)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "distilbert"])
+def test_a_second_pruning_round_is_exact(name, tmp_path):
+    """`build_zigs` reads the heads from the modules: a pruned (or reloaded) model gets whole-head groups again."""
+    from hf_oto.modeling import load_pruned_model, save_pruned_model
+
+    model = tiny_model(name)
+    inputs = tiny_inputs(model)
+    zigs = build_zigs(model)
+    zigs.set_zero(sparse_masks(zigs))
+    slim, _ = prune_zero_groups(model, zigs, seq_length=SEQ)
+    save_pruned_model(slim, tmp_path / "round1")
+    reloaded = load_pruned_model(tmp_path / "round1", type(slim))
+    for candidate in (slim, reloaded):
+        layout = current_layout(candidate)
+        zigs2 = build_zigs(candidate)
+        heads = {family.layer: family for family in zigs2.families if family.kind == "heads"}
+        kv_heads = layout.get("num_key_value_heads", layout["num_attention_heads"])
+        assert {layer: family.num_groups for layer, family in heads.items()} == {
+            layer: count for layer, count in enumerate(kv_heads) if count > 0
+        }
+        assert all(family.meta["head_dim"] == 8 for family in heads.values())
+        zigs2.set_zero(zigs2.random_zero_mask(0.5, generator=torch.Generator().manual_seed(1)))
+        reference = run(candidate, inputs)
+        slim2, report = prune_zero_groups(candidate, zigs2, seq_length=SEQ, inplace=False)
+        assert report.num_attention_heads_before == layout["num_attention_heads"]
+        assert (run(slim2, inputs) - reference).abs().max() < 1e-5
+        assert current_layout(slim2)["num_attention_heads"] == report.num_attention_heads_after
+
+
+def test_modules_that_disagree_with_each_other_are_refused():
+    model = tiny_model("bert")
+    model.bert.encoder.layer[1].attention.self.num_attention_heads = 3
+    with pytest.raises(ValueError, match=r"layer\.1.*num_attention_heads=3.*4 heads of 8"):
+        build_zigs(model)
+    model = tiny_model("llama")
+    model.model.layers[2].self_attn.k_proj = nn.Linear(32, 12, bias=False)
+    with pytest.raises(ValueError, match=r"layers\.2.*key/value"):
+        build_zigs(model)
+
+
+def test_a_config_that_disagrees_with_the_modules_does_not_change_the_groups():
+    model = tiny_model("bert")
+    model.config.num_attention_heads = 8  # the modules still compute 4 heads of 8
+    assert {family.num_groups for family in build_zigs(model).families if family.kind == "heads"} == {4}
+
+
+def test_the_flops_side_pass_never_fails_pruning():
+    """The default `seq_length=128` is longer than the tiny models' 64 positions: FLOPs are counted at 64."""
+    from hf_oto.costs import GroupCosts
+    from hf_oto.flops import clamp_flops_seq_length
+
+    model = tiny_model("bert")
+    zigs = build_zigs(model)
+    zigs.set_zero(sparse_masks(zigs))
+    assert GroupCosts.measure(zigs).seq_length == 64
+    slim, report = prune_zero_groups(model, zigs)
+    assert report.seq_length == 64 and "at seq_length=64" in str(report)
+    assert report.flops_after == count_flops(slim, seq_length=64)
+    assert clamp_flops_seq_length(slim, 16) == 16
+    assert clamp_flops_seq_length(nn.Linear(2, 2), 1000) == 1000

@@ -12,7 +12,13 @@ from transformers import AutoModelForQuestionAnswering
 from hf_oto import load_pruned_model
 from hf_oto.squad import normalize_answer, read_squad_file, squad_metrics
 
-from .squad_fixture import squad_json, write_squad_file, write_tiny_qa_model
+from .squad_fixture import (
+    squad_json,
+    squad_json_with_whitespace_answers,
+    squad_v2_json,
+    write_squad_file,
+    write_tiny_qa_model,
+)
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_squad_oto.py"
@@ -169,3 +175,70 @@ def test_run_squad_oto_exports_onnx_and_measures_speedup(tmp_path):
     torch.testing.assert_close(
         torch.as_tensor(ort_model(**inputs).start_logits), slim(**inputs).start_logits, atol=1e-4, rtol=1e-4
     )
+
+
+def test_answers_that_differ_only_by_whitespace_are_aligned_and_counted(tmp_path, monkeypatch):
+    from hf_oto import squad
+
+    warnings = []
+    monkeypatch.setattr(squad.logger, "warning", warnings.append)
+    path = tmp_path / "ws.json"
+    path.write_text(json.dumps(squad_json_with_whitespace_answers()))
+    records = read_squad_file(path)
+    for record in records:
+        (text,), (start,) = record["answers"]["text"], record["answers"]["answer_start"]
+        assert record["context"][start : start + len(text)] == text
+    assert [r["answers"]["text"][0] for r in records] == ["the  North\nSea", "Basel  and Cologne", "the Alps"]
+    assert len(warnings) == 1 and "2 answers differ from their context only by whitespace" in warnings[0]
+    # The official metric normalises whitespace: the aligned text is the same answer.
+    assert squad_metrics({"w0": "the North Sea"}, records[:1]) == {"exact_match": 100.0, "f1": 100.0}
+
+
+def test_squad_v2_is_refused_before_training(tmp_path):
+    from hf_oto.squad import check_answerable
+
+    path = tmp_path / "v2.json"
+    path.write_text(json.dumps(squad_v2_json()))
+    with pytest.raises(ValueError, match=r"SQuAD v2 data: article 0, paragraph 0, question 2 \(id 'impossible'\)"):
+        read_squad_file(path)
+    model_dir = write_tiny_qa_model(tmp_path / "model")
+    with pytest.raises(ValueError, match="SQuAD v2"):
+        load_script().main(
+            ["--model_name_or_path", str(model_dir), "--train_file", str(path), "--output_dir", str(tmp_path / "o"),
+             "--do_train", "--report_to", "none"]
+        )  # fmt: skip
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    with pytest.raises(ValueError, match=r"squad_v2 \(validation split\) holds SQuAD v2 data: example 1"):
+        check_answerable([{"text": ["a"]}, {"text": [], "answer_start": []}], "squad_v2 (validation split)")
+    with pytest.raises(ValueError, match="SQuAD v2"):
+        squad_metrics({"q": ""}, [{"id": "q", "answers": {"text": []}}])
+
+
+def _with(change):
+    data = squad_json()
+    change(data["data"][1]["paragraphs"][0])
+    return data
+
+
+@pytest.mark.parametrize(
+    "payload, problem",
+    [
+        (_with(lambda p: p.update(context=["a", "list"])), r"article 1, paragraph 0, question 0 \(id 'q2'\): "
+         r'"context" must be a string; got list'),
+        (_with(lambda p: p["qas"].append("a question")), r"article 1, paragraph 0, question 2: it is a str, not an"),
+        (_with(lambda p: p["qas"][1]["answers"][0].pop("text")), r"question 1 \(id 'q3'\): answer 0 has no \"text\""),
+        (_with(lambda p: p["qas"][0].update(question=None)), r"question 0 \(id 'q2'\): \"question\" must be a non-empty"),
+        (_with(lambda p: p["qas"][1].update(id="q0")), r"the question id 'q0' is used twice \(article 0, paragraph 0, "
+         r"question 0 \(id 'q0'\) and article 1, paragraph 0, question 1 \(id 'q0'\)\)"),
+        (_with(lambda p: p.update(qas={"id": 1})), r'article 1, paragraph 0: "qas" must be a list'),
+        ([{"id": "1", "context": 3, "question": "q", "answers": {"text": ["a"], "answer_start": [0]}}],
+         r'record 0 \(id \'1\'\): "context" must be a string'),
+        ([{"id": "1", "context": "abc", "question": "q", "answers": {"text": [None], "answer_start": [0]}}],
+         r"record 0 \(id '1'\): answer 0 has no \"text\""),
+    ],
+)  # fmt: skip
+def test_malformed_entries_name_their_location(tmp_path, payload, problem):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=r"not a SQuAD-format file: .*" + problem):
+        read_squad_file(path)

@@ -212,3 +212,49 @@ def test_empty_training_set(tmp_path, model_dir):
             tmp_path, model_dir, "--train_file", str(train), "--validation_file", str(train),
             "--label_column_name", "sentiment",
         )  # fmt: skip
+
+
+def _splits(tmp_path, train, **extra):
+    from hf_oto.data.text_classification import DataTrainingArguments, load_text_classification_splits
+
+    args = DataTrainingArguments(train_file=str(train), label_column_name="sentiment", **extra)
+    return load_text_classification_splits(args, str(tmp_path / "cache"), do_eval=False, do_predict=False)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_labels_and_texts_named_like_missing_values_are_read_as_written(tmp_path, suffix):
+    rows = [
+        {"sentence": f"{text} {index}", "sentiment": label}
+        for index, (text, label) in enumerate(
+            [("NA", "None"), ("null", "NA"), ("nan", "null"), ("None", "positive"), ("n/a", "N/A")] * 2
+        )
+    ]
+    path = tmp_path / f"train{suffix}"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=["sentence", "sentiment"], delimiter="\t" if suffix == ".tsv" else ","
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    data = _splits(tmp_path, path)
+    assert data.label_list == ["N/A", "NA", "None", "null", "positive"]
+    assert len(data.splits["train"]) == 10
+    assert data.splits["train"]["sentence"][:2] == ["NA 0", "null 1"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_an_empty_label_is_an_error_naming_its_row(tmp_path, suffix):
+    rows = reviews()[:6]
+    rows[2]["sentiment"] = None if suffix == ".jsonl" else ""
+    rows[4]["sentiment"] = "  " if suffix == ".jsonl" else ""
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    else:
+        with open(path, "w", newline="") as handle:
+            delimiter = "\t" if suffix == ".tsv" else ","
+            writer = csv.DictWriter(handle, fieldnames=["sentence", "sentiment"], delimiter=delimiter)
+            writer.writeheader()
+            writer.writerows(rows)
+    with pytest.raises(ValueError, match=r"2 rows with an empty 'sentiment' label: rows \[2, 4\]"):
+        _splits(tmp_path, path)

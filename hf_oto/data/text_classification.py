@@ -4,8 +4,9 @@ checks, tokenization and metrics. Shared by `scripts/run_text_classification_oto
 on bad data, before any model is loaded.
 
 Labels may be strings or integers: the label set is the sorted set of the training labels (with the class names of a
-`ClassLabel` column, as in GLUE). A validation label that training never saw is an error. Rows with a missing or empty
-text or label are dropped.
+`ClassLabel` column, as in GLUE). CSV/TSV cells are read as written (a class named `None`, `NA` or `null` is a class,
+not a missing value). A validation label that training never saw is an error, and so is an empty label (naming its
+row). Rows with a missing or empty text are dropped.
 """
 
 from __future__ import annotations
@@ -116,7 +117,12 @@ def load_raw_datasets(data_args: DataTrainingArguments, cache_dir: str | None) -
             continue
         if not os.path.isfile(path):
             raise ValueError(f"The {split} file {path!r} does not exist.")
-        kwargs = {"delimiter": "\t"} if Path(path).suffix.lower() == ".tsv" else {}
+        kwargs: dict[str, Any] = {}
+        if file_format(path) == "csv":
+            # Cells as written: pandas would read `None`, `NA`, `null`, `nan`, ... as missing values (a class lost).
+            kwargs["na_filter"] = False
+            if Path(path).suffix.lower() == ".tsv":
+                kwargs["delimiter"] = "\t"
         splits[split] = load_dataset(
             file_format(path), data_files={split: path}, split=split, cache_dir=cache_dir, **kwargs
         )
@@ -146,23 +152,55 @@ def check_columns(split: str, dataset: Dataset, required: dict[str, str]) -> Non
             )
 
 
+def _is_empty(value: Any) -> bool:
+    return (
+        value is None
+        or (isinstance(value, str) and not value.strip())
+        or (isinstance(value, float) and value != value)
+    )
+
+
 def clean_split(
-    split: str, dataset: Dataset, columns: list[str], max_samples: int | None, num_proc: int | None
+    split: str,
+    dataset: Dataset,
+    columns: list[str],
+    max_samples: int | None,
+    num_proc: int | None,
+    label_column: str | None = None,
 ) -> Dataset:
-    """Drops the rows whose text or label is missing, truncates to `max_samples`, and refuses an empty result."""
+    """Refuses empty labels (naming the rows), drops the rows whose text is missing or empty, truncates to
+    `max_samples`, and refuses an empty result.
+
+    Args:
+        split (`str`): The split's name, for messages.
+        dataset (`Dataset`): The raw split.
+        columns (`list[str]`): The text (and label) columns a row needs.
+        max_samples (`int`, *optional*): Keep at most this many rows.
+        num_proc (`int`, *optional*): Processes for the filter.
+        label_column (`str`, *optional*): The label column; an empty label cell is a `ValueError`, not a dropped row.
+    """
+    if label_column is not None:
+        empty = [index for index, label in enumerate(dataset[label_column]) if _is_empty(label)]
+        if empty:
+            raise ValueError(
+                f"The {split} data has {len(empty)} rows with an empty {label_column!r} label: rows {empty[:10]} "
+                f"(0-based data rows; in a CSV/TSV file with a header, row i is line i + 2). Fill in their labels or "
+                "remove those rows."
+            )
+    texts = [column for column in columns if column != label_column]
     before = len(dataset)
     dataset = dataset.filter(
-        lambda row: all(row[c] is not None and (not isinstance(row[c], str) or row[c].strip()) for c in columns),
+        lambda row: not any(_is_empty(row[column]) for column in texts),
         num_proc=num_proc,
-        desc=f"Dropping {split} rows with a missing text or label",
+        desc=f"Dropping {split} rows with a missing text",
     )
     if len(dataset) < before:
-        logger.warning(f"Dropped {before - len(dataset)} {split} rows with a missing or empty {' or '.join(columns)}.")
+        logger.warning(f"Dropped {before - len(dataset)} {split} rows with a missing or empty {' or '.join(texts)}.")
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     if len(dataset) == 0:
         raise ValueError(
-            f"The {split} split is empty after dropping rows with a missing {' or '.join(columns)}"
+            f"The {split} split is empty after dropping rows with a missing {' or '.join(texts)}"
             + (f" and keeping the first {max_samples}" if max_samples is not None else "")
             + f" ({before} rows before)."
         )
@@ -274,7 +312,12 @@ def load_text_classification_splits(
     for split, required, max_samples in plan:
         check_columns(split, raw[split], required)
         splits[split] = clean_split(
-            split, raw[split], list(required.values()), max_samples, data_args.preprocessing_num_workers
+            split,
+            raw[split],
+            list(required.values()),
+            max_samples,
+            data_args.preprocessing_num_workers,
+            label_column if "label_column_name" in required else None,
         )
     label_list = build_label_list(splits["train"], label_column)
     if len(label_list) < 2:

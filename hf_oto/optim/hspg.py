@@ -58,14 +58,14 @@ class _Member:
 
 def _grouped(tensor: torch.Tensor, dim: int, num_groups: int) -> torch.Tensor:
     """A view of `tensor` whose group axis is explicit: `[num_groups, -1]` for `dim == 0`, else unflattened."""
-    if dim == 0:
+    if dim == 0 and tensor.is_contiguous():
         return tensor.view(num_groups, -1)
     return tensor.unflatten(dim, (num_groups, -1))
 
 
 def _per_group(values: torch.Tensor, grouped: torch.Tensor, dim: int) -> torch.Tensor:
     """`values` (`[num_groups]`) shaped to broadcast against `_grouped(tensor, dim, num_groups)`."""
-    if dim == 0:
+    if dim == 0 and grouped.dim() == 2:
         return values.view(-1, 1)
     shape = [1] * grouped.dim()
     shape[dim] = values.numel()
@@ -81,7 +81,8 @@ class _Blocks:
 
     def __init__(self, member: _Member):
         self.dim, self.num_groups = member.dim, member.num_groups
-        if self.dim == 0:
+        self.flat = self.dim == 0 and member.param.is_contiguous()  # channels_last: the unflattened path
+        if self.flat:
             block = _BLOCK * max(1, torch.get_num_threads())
             rows = max(1, block // max(1, member.param.numel() // max(1, self.num_groups)))
             self.ranges = [(start, min(start + rows, self.num_groups)) for start in range(0, self.num_groups, rows)]
@@ -89,13 +90,13 @@ class _Blocks:
             self.ranges = [(0, self.num_groups)]
 
     def view(self, tensor: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-        if self.dim == 0:
+        if self.flat:
             return tensor.view(self.num_groups, -1)[block[0] : block[1]]
-        return _grouped(tensor, self.dim, self.num_groups)
+        return tensor.unflatten(self.dim, (self.num_groups, -1))  # one layout for the param, its grad and state
 
     def per_group(self, values: torch.Tensor, block: tuple[int, int], view: torch.Tensor) -> torch.Tensor:
         """`values` (`[num_groups]`) restricted to `block`, shaped to broadcast against `view`."""
-        if self.dim == 0:
+        if self.flat:
             return values[block[0] : block[1]].unsqueeze(1)
         return _per_group(values, view, self.dim)
 
@@ -103,7 +104,7 @@ class _Blocks:
         """The per-group dot products `a_g^T b_g` of two block views, accumulated in float32 at least."""
         if a.dtype not in (torch.float32, torch.float64):
             a, b = a.float(), b.float()
-        if self.dim == 0:
+        if self.flat:
             return torch.linalg.vecdot(a, b)
         return (a * b).sum(dim=[d for d in range(a.dim()) if d != self.dim])
 
@@ -126,7 +127,7 @@ def _moment_dtype(param: torch.Tensor) -> torch.dtype:
 
 def _row_squared_norm(a: torch.Tensor, dim: int, num_groups: int) -> torch.Tensor:
     """`[num_groups]` tensor of the squared group norms `||a_g||^2`, in float32 at least."""
-    if dim == 0:
+    if dim == 0 and a.is_contiguous():
         view = a.view(num_groups, -1)
         if view.dtype not in (torch.float32, torch.float64):
             view = view.float()

@@ -24,10 +24,24 @@ def has_transformer_layout(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in TRANSFORMER_LAYOUTS
 
 
+def is_transformer(model: nn.Module) -> bool:
+    """Whether `model` is a transformers model built around attention (DeiT, Swin, T5, GPT-2, ...): it has a config
+    with a `model_type` and an attention module (`nn.MultiheadAttention` or a class named `*Attention`)."""
+    if getattr(getattr(model, "config", None), "model_type", None) is None:
+        return False
+    return any(
+        isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+        for module in model.modules()
+    )
+
+
 def default_families(model: nn.Module) -> tuple[str, ...]:
-    """`("channels",)` for a model with convolutions and no transformer layout, else `("heads", "ffn")` (which
-    raises a clear error for an unsupported transformer)."""
-    if not has_transformer_layout(model) and any(isinstance(module, nn.Conv2d) for module in model.modules()):
+    """`("channels",)` for a convolutional network (convolutions, no transformer layout, no attention), else
+    `("heads", "ffn")`, which raises the layout error (supported model types, how to add one) for a transformer
+    without a layout, even one with a convolutional patch embedding (DeiT, Swin)."""
+    if has_transformer_layout(model) or is_transformer(model):
+        return TRANSFORMER_FAMILIES
+    if any(isinstance(module, nn.Conv2d) for module in model.modules()):
         return ("channels",)
     return TRANSFORMER_FAMILIES
 
@@ -46,7 +60,9 @@ def build_zigs(
         model (`nn.Module`):
             A transformers model of a supported `model_type` (any of its `*For...` task variants) for `"heads"` and
             `"ffn"`; any convolutional network that `torch.fx` can trace (a transformers model such as
-            `ResNetForImageClassification`, or a plain `nn.Module`) for `"channels"`.
+            `ResNetForImageClassification`, or a plain `nn.Module`) for `"channels"`. An already pruned transformer
+            (from [`~hf_oto.pruning.prune_zero_groups`] or [`~hf_oto.modeling.load_pruned_model`]) works: head counts
+            and sizes are read from its modules, not its config, so pruning it again is exact.
         families (`Sequence[str]`, *optional*):
             Which kinds of groups to build: `"heads"` (the q/k/v rows of one attention head; with grouped-query
             attention, one key/value head with the query heads that share it), `"ffn"` (one row of the FFN up

@@ -73,9 +73,8 @@ class ZIGFamily:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def member_view(self, param: torch.Tensor, dim: int) -> torch.Tensor:
-        """Returns `param` seen as `[num_groups, -1]` (a view when `dim == 0`)."""
-        if dim == 0:
-            return param.view(self.num_groups, -1)
+        """Returns `param` seen as `[num_groups, -1]`, for reading (a copy when `param` is not contiguous, e.g. a
+        `channels_last` convolution weight)."""
         return param.movedim(dim, 0).reshape(self.num_groups, -1)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -175,8 +176,104 @@ def _members(path: str, linear: nn.Linear, dim: int) -> list[ZIGMember]:
     return members
 
 
+HEAD_SIZE_ATTRS = ("head_dim", "attention_head_size")
+"""Attributes of an attention module that hold the size of one head (Llama-like, BERT-like and DistilBERT)."""
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """The heads one layer computes now, read from its modules (so it is right for dense, pruned and reloaded models).
+
+    Args:
+        num_heads (`int`): Query heads (`query.out_features // head_dim`).
+        num_kv_heads (`int`): Key/value heads (`key.out_features // head_dim`; `num_heads` without GQA).
+        head_dim (`int`): Size of one head.
+        queries_per_group (`int`): Query heads that share one key/value head (1 without GQA).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    queries_per_group: int
+
+
+def _config_head_sizes(config: Any, layout: TransformerLayout) -> tuple[int, int]:
+    """(head size, query heads per key/value head) of the dense architecture, from the config."""
+    num_heads = getattr(config, layout.num_heads_config)
+    num_kv_heads = getattr(config, layout.num_kv_heads_config, None) if layout.num_kv_heads_config else None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return head_dim, num_heads // (num_kv_heads or num_heads)
+
+
+def _int_attr(module: nn.Module, names: Sequence[str]) -> int | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def attention_geometry(
+    model: nn.Module, layer_path: str, layout: TransformerLayout | None = None
+) -> AttentionGeometry:
+    """The [`AttentionGeometry`] of the layer at `layer_path`, read from its modules and checked against them.
+
+    The head size and the number of query heads per key/value head come from the attention module's own attributes
+    (`head_dim` or `attention_head_size`, `num_key_value_groups`) when it has them, else from the config (which an
+    earlier pruning does not change); the head counts come from the projections' sizes. A model whose modules
+    disagree with each other (q/k/v sizes that are not whole heads, an attention module whose head count attributes
+    do not match its projections) raises a `ValueError` instead of giving wrong groups.
+    """
+    layout = layout or get_layout(model)
+    model_type = model.config.model_type
+    attention = model.get_submodule(_join(layer_path, layout.attention))
+    query = _linear(model, _join(layer_path, layout.query), model_type)
+    key = _linear(model, _join(layer_path, layout.key), model_type)
+    value = _linear(model, _join(layer_path, layout.value), model_type)
+    config_head_dim, config_queries_per_group = _config_head_sizes(model.config, layout)
+    head_dim = _int_attr(attention, HEAD_SIZE_ATTRS) or config_head_dim
+    queries_per_group = _int_attr(attention, ("num_key_value_groups",)) or config_queries_per_group
+    num_heads, rest = divmod(query.out_features, head_dim)
+    num_kv_heads = key.out_features // head_dim
+    problem = None
+    if rest or num_heads != num_kv_heads * queries_per_group:
+        problem = (
+            f"its query projection has {query.out_features} outputs, which is not {queries_per_group} query heads per "
+            f"key/value head x {num_kv_heads} key/value heads ({key.out_features} key outputs) x {head_dim} per head"
+        )
+    elif key.out_features != num_kv_heads * head_dim or value.out_features != key.out_features:
+        problem = (
+            f"its key/value projections have {key.out_features}/{value.out_features} outputs, not {num_kv_heads} "
+            f"heads x {head_dim}"
+        )
+    else:
+        for attr, expected in (
+            *((attr, num_heads) for attr in layout.head_count_attrs),
+            *((attr, num_heads * head_dim) for attr in layout.head_width_attrs),
+        ):
+            found = getattr(attention, attr, None)
+            if found is not None and found != expected:
+                problem = (
+                    f"its attention module says {attr}={found}, but its projections compute {num_heads} heads of "
+                    f"{head_dim} ({attr} should be {expected})"
+                )
+                break
+    if problem is not None:
+        raise ValueError(
+            f"Layer {layer_path!r} of {type(model).__name__} does not match itself: {problem}. hf_oto reads the "
+            "heads from the modules, so their sizes and attributes must agree: was the model edited or pruned by other "
+            "code? Load checkpoints pruned by hf_oto with `hf_oto.load_pruned_model`."
+        )
+    return AttentionGeometry(num_heads, num_kv_heads, head_dim, queries_per_group)
+
+
 def transformer_families(model: PreTrainedModel, families: Sequence[str] = TRANSFORMER_FAMILIES) -> list[ZIGFamily]:
-    """The head and FFN-row families of every layer of a supported transformer model."""
+    """The head and FFN-row families of every layer of a supported transformer model.
+
+    Head counts and sizes are read from each layer's modules ([`attention_geometry`]), not from the config, so an
+    already pruned model (fewer heads than its config says, different per layer) gets whole-head groups and can be
+    pruned again. A layer left without heads (or FFN rows) has no family of that kind.
+    """
     layout = get_layout(model)
     config = model.config
     model_type = config.model_type
@@ -190,9 +287,6 @@ def transformer_families(model: PreTrainedModel, families: Sequence[str] = TRANS
             f"Expected the list of layers at {layers_path!r} (the hf_oto layout of model_type={model_type!r}), but "
             "it is missing. The model's modules do not match the layout table, e.g. because it runs custom code."
         )
-    num_heads = getattr(config, layout.num_heads_config)
-    num_kv_heads = getattr(config, layout.num_kv_heads_config, None) if layout.num_kv_heads_config else None
-    num_kv_heads = num_kv_heads or num_heads
 
     result: list[ZIGFamily] = []
     for index in range(len(layers)):
@@ -207,19 +301,14 @@ def transformer_families(model: PreTrainedModel, families: Sequence[str] = TRANS
             key = _linear(model, path["key"], model_type)
             value = _linear(model, path["value"], model_type)
             _linear(model, path["output"], model_type)
-            head_dim = query.out_features // num_heads
-            queries_per_group = num_heads // num_kv_heads
-            if key.out_features != num_kv_heads * head_dim or value.out_features != num_kv_heads * head_dim:
-                raise ValueError(
-                    f"Layer {layer_path!r}: key/value projections have {key.out_features}/{value.out_features} "
-                    f"outputs, expected {num_kv_heads} heads x {head_dim}. Was the model already pruned? Load pruned "
-                    "checkpoints with `hf_oto.load_pruned_model`."
-                )
+            geometry = attention_geometry(model, layer_path, layout)
+            head_dim, queries_per_group = geometry.head_dim, geometry.queries_per_group
+        if "heads" in families and geometry.num_kv_heads > 0:
             result.append(
                 ZIGFamily(
                     name=f"{layer_path}.heads",
                     kind="heads",
-                    num_groups=num_kv_heads,
+                    num_groups=geometry.num_kv_heads,
                     members=tuple(
                         _members(path["query"], query, 0)
                         + _members(path["key"], key, 0)
@@ -242,6 +331,7 @@ def transformer_families(model: PreTrainedModel, families: Sequence[str] = TRANS
         if "ffn" in families:
             up = _linear(model, path["up"], model_type)
             _linear(model, path["down"], model_type)
+        if "ffn" in families and up.out_features > 0:
             members = _members(path["up"], up, 0)
             if "gate" in path:
                 members += _members(path["gate"], _linear(model, path["gate"], model_type), 0)
