@@ -7,7 +7,9 @@ output folder that holds anything but this run's resumable state:
 - a new run (no `resume_from_checkpoint`) needs a missing or empty folder;
 - a resumed run accepts only **this run's checkpoints**: `checkpoint-N` folders whose `config.json` is of the model
   being trained (same `model_type` and class) and that hold an HSPG optimizer state (`optimizer.pt` with the
-  zero-invariant groups in its parameter groups), plus the Trainer's TensorBoard folder `runs/`. Anything else
+  zero-invariant groups in its parameter groups), plus the Trainer's TensorBoard folder `runs/` and what a finished
+  run leaves beside them (`*_results.json`, `trainer_state.json`, its slim model: a folder recording `oto_layout`,
+  which this run does not write over unless it is the slim-model folder and `overwrite` is set). Anything else
   (checkpoints of another model, of a plain `Trainer` run, a saved model, results, your files) is refused.
 
 `overwrite_output_dir=True` (`--overwrite_output_dir`) skips the check: you accept that the folder's content is
@@ -96,6 +98,23 @@ def checkpoint_problem(
     return None
 
 
+RUN_RESULT_PATTERN = re.compile(r"(all|train|eval|predict|test)_results\.json|trainer_state\.json")
+"""Result files a finished run leaves in its output folder; a resumed run may find them there (it writes them again)."""
+
+
+def _is_run_result(entry: Path) -> bool:
+    """Whether `entry` is what a finished run leaves beside its checkpoints: its results files, or its slim model
+    (a folder whose `config.json` records an `oto_layout`; the slim-model folder itself is checked apart, by
+    [`check_model_dir`], so it is never written over unasked)."""
+    if entry.is_file():
+        return RUN_RESULT_PATTERN.fullmatch(entry.name) is not None
+    try:
+        config = json.loads((entry / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "oto_layout" in config
+
+
 def _is_empty_folder(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
@@ -143,6 +162,7 @@ def check_output_dir(
     entries = [entry for entry in entries if not _is_empty_folder(entry)]
     if not entries:
         return
+    resuming = resume_from_checkpoint not in (None, False, "")
     resumable, foreign = [], []
     for entry in entries:
         if entry.is_dir() and CHECKPOINT_PATTERN.fullmatch(entry.name):
@@ -153,9 +173,10 @@ def check_output_dir(
                 foreign.append(f"{entry.name} ({problem})")
         elif entry.is_dir() and entry.name in run_entries:
             resumable.append(entry.name)
+        elif resuming and _is_run_result(entry):
+            resumable.append(entry.name)
         else:
             foreign.append(entry.name)
-    resuming = resume_from_checkpoint not in (None, False, "")
     if resuming and not foreign:
         return
     if foreign:

@@ -70,6 +70,21 @@ def test_anything_else_is_refused_even_when_resuming(tmp_path, write, problem):
     check_output_dir(tmp_path, model=model, overwrite=True)
 
 
+def test_a_finished_run_can_be_resumed_its_results_and_slim_model_are_its_own(tmp_path):
+    model = tiny_model("bert")
+    write_checkpoint(tmp_path / "checkpoint-4", model)
+    (tmp_path / "all_results.json").write_text("{}")
+    (tmp_path / "trainer_state.json").write_text("{}")
+    (tmp_path / "pruned").mkdir()
+    (tmp_path / "pruned" / "config.json").write_text(json.dumps({"model_type": "bert", "oto_layout": {}}))
+    check_output_dir(tmp_path, model=model, resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match=r"not this run's resumable state: .*all_results.json"):
+        check_output_dir(tmp_path, model=model)  # a new run would write over them
+    (tmp_path / "pruned" / "config.json").write_text(json.dumps({"model_type": "bert"}))  # a dense model
+    with pytest.raises(ValueError, match=r"not this run's resumable state: pruned"):
+        check_output_dir(tmp_path, model=model, resume_from_checkpoint=True)
+
+
 def test_a_file_as_output_folder_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
