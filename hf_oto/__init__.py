@@ -8,6 +8,7 @@ __version__ = "0.1.0.dev0"
 
 from .callbacks import OTOSparsityCallback
 from .flops import count_flops, count_parameters
+from .image_processing import OTOImageProcessor
 from .modeling import load_pruned_model, save_pruned_model
 from .models import CifarConvNetConfig, CifarConvNetForImageClassification
 from .optim import HSPG, PruningTarget
@@ -40,6 +41,7 @@ __all__ = [
     "ChannelAdapter",
     "CifarConvNetConfig",
     "CifarConvNetForImageClassification",
+    "OTOImageProcessor",
     "OTOSparsityCallback",
     "OTOTrainer",
     "OTOTrainingArguments",

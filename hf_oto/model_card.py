@@ -11,9 +11,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
+from .hub import LOCAL_REPO_PLACEHOLDER
 from .pruning import PruningReport
 
 
@@ -22,6 +23,91 @@ logger = logging.get_logger(__name__)
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 PLOT_FILE = "oto_layout.png"
 DEFAULT_TAGS = ("hf_oto", "oto", "pruning", "structured-pruning", "only-train-once")
+LIBRARY_NAME = "hf_oto"
+"""The card's `library_name`: the model loads with `hf_oto.load_pruned_model`, not with plain `from_pretrained`, so
+the card must not claim `transformers` (the Hub would offer a `from_pretrained` snippet that fails)."""
+
+PIPELINE_TAGS = {
+    "AutoModelForSequenceClassification": "text-classification",
+    "AutoModelForQuestionAnswering": "question-answering",
+    "AutoModelForImageClassification": "image-classification",
+    "AutoModelForTokenClassification": "token-classification",
+    "AutoModelForCausalLM": "text-generation",
+    "AutoModelForMaskedLM": "fill-mask",
+    "AutoModel": "feature-extraction",
+}
+"""The Hub `pipeline_tag` (and `transformers.pipeline` task) of each auto class."""
+
+IMAGE_TASKS = ("image-classification",)
+NOT_A_METRIC = ("loss", "runtime", "per_second", "samples", "epoch", "steps")
+"""Suffixes of evaluation figures that do not go into the card's `model-index`."""
+
+
+def card_title(
+    model_name: str | None = None,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    pipeline_tag: str | None = None,
+) -> str:
+    """The card's title: `model_name` if given, else the repository name, else the base model and the task (never
+    the name of a local folder such as `pruned`).
+
+    Example:
+
+    ```python
+    >>> card_title(repo_id="me/bert-sst2-oto")
+    'bert-sst2-oto'
+    >>> card_title(base_model="bert-base-uncased", pipeline_tag="text-classification")
+    'bert-base-uncased pruned with OTO for text classification'
+    ```
+    """
+    if model_name:
+        return model_name
+    if repo_id and repo_id != LOCAL_REPO_PLACEHOLDER:
+        return repo_id.rstrip("/").split("/")[-1]
+    base = base_model.rstrip("/").split("/")[-1] if base_model else "Model"
+    task = f" for {pipeline_tag.replace('-', ' ')}" if pipeline_tag else ""
+    return f"{base} pruned with OTO{task}"
+
+
+def eval_results(
+    metrics: Mapping[str, float] | None,
+    *,
+    task_type: str | None,
+    dataset_type: str | None = None,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    dataset_split: str | None = None,
+) -> list[EvalResult] | None:
+    """The card's `model-index` entries: one `huggingface_hub.EvalResult` per evaluation metric (the `eval_` prefix
+    dropped; loss, runtime, sample counts left out). `None` without metrics or task.
+
+    Example:
+
+    ```python
+    >>> [r.metric_type for r in eval_results({"eval_accuracy": 0.9, "eval_loss": 0.3}, task_type="text-classification")]
+    ['accuracy']
+    ```
+    """
+    if not metrics or not task_type:
+        return None
+    results = []
+    for key, value in metrics.items():
+        name = key.removeprefix("eval_")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or name.endswith(NOT_A_METRIC):
+            continue
+        results.append(
+            EvalResult(
+                task_type=task_type,
+                dataset_type=dataset_type or "custom",
+                dataset_name=dataset_name or dataset_type or "custom data",
+                dataset_config=dataset_config,
+                dataset_split=dataset_split,
+                metric_type=name,
+                metric_value=float(value),
+            )
+        )
+    return results or None
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -141,7 +227,7 @@ def _plot_channels(report: PruningReport, path: Path, plt) -> Path:
 def create_model_card(
     report: PruningReport,
     *,
-    model_name: str = "OTO-pruned model",
+    model_name: str | None = None,
     repo_id: str | None = None,
     base_model: str | None = None,
     datasets: Sequence[str] | None = None,
@@ -155,17 +241,23 @@ def create_model_card(
     has_onnx: bool = False,
     tags: Sequence[str] = (),
     training_data: str | None = None,
+    eval_dataset_name: str | None = None,
+    eval_dataset_config: str | None = None,
+    eval_dataset_split: str | None = None,
 ) -> ModelCard:
     """Renders the model card of a pruned model.
 
     Args:
         report ([`PruningReport`]): What pruning removed (sizes before/after and per-layer layout).
-        model_name (`str`): Title of the card.
-        repo_id (`str`, *optional*): Hub repository or local folder shown in the loading snippet.
+        model_name (`str`, *optional*): Title of the card (default: see [`card_title`]).
+        repo_id (`str`, *optional*): Hub repository shown in the loading lines (default: a placeholder that
+            [`hf_oto.hub.push_pruned_model`] replaces with the repository it pushes to).
         base_model (`str`, *optional*): The model OTO started from (Hub id), for the metadata.
         datasets (`Sequence[str]`, *optional*): Training datasets (Hub ids or names).
         license (`str`, *optional*): License identifier, e.g. `"apache-2.0"`.
-        language, pipeline_tag: Hub metadata.
+        language (`str`, *optional*): Hub metadata.
+        pipeline_tag (`str`, *optional*): The Hub task, also the `transformers.pipeline` task of the loading lines
+            (default: from `auto_class`, e.g. `"text-classification"`).
         auto_class (`str`): The transformers class to pass to `load_pruned_model`, e.g.
             `"AutoModelForSequenceClassification"`.
         hyperparameters (`Mapping[str, Any]`, *optional*): OTO hyper-parameters (λ, ε, stages, ...).
@@ -174,6 +266,8 @@ def create_model_card(
         has_onnx (`bool`): Whether the folder has an `onnx/` export.
         tags (`Sequence[str]`): Extra Hub tags; `pruning`, `oto`, ... are always added.
         training_data (`str`, *optional*): A sentence or two on the training data (for data without a Hub id).
+        eval_dataset_name, eval_dataset_config, eval_dataset_split (`str`, *optional*): The evaluation data, for the
+            `model-index` (its type is the first of `datasets`, else `custom`).
 
     Example:
 
@@ -183,15 +277,26 @@ def create_model_card(
     ['hf_oto', 'oto']
     ```
     """
+    pipeline_tag = pipeline_tag or PIPELINE_TAGS.get(auto_class)
+    repo_id = repo_id or LOCAL_REPO_PLACEHOLDER
+    model_name = card_title(model_name, repo_id, base_model, pipeline_tag)
     card_data = ModelCardData(
         base_model=base_model,
         datasets=list(datasets) if datasets else None,
         license=license,
         language=language,
-        library_name="transformers",
+        library_name=LIBRARY_NAME,
         pipeline_tag=pipeline_tag,
         tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
         model_name=model_name,
+        eval_results=eval_results(
+            metrics,
+            task_type=pipeline_tag,
+            dataset_type=datasets[0] if datasets else None,
+            dataset_name=eval_dataset_name,
+            dataset_config=eval_dataset_config,
+            dataset_split=eval_dataset_split,
+        ),
     )
     channels = report.channels_before is not None
     channels_before = sum(report.channels_before.values()) if channels else 0
@@ -225,7 +330,10 @@ def create_model_card(
         card_data,
         template_path=str(TEMPLATE_PATH),
         model_name=model_name,
-        repo_id=repo_id or "path/to/this/folder",
+        repo_id=repo_id,
+        pipeline_tag=pipeline_tag,
+        processor_arg="image_processor" if pipeline_tag in IMAGE_TASKS else "tokenizer",
+        processor_class="AutoImageProcessor" if pipeline_tag in IMAGE_TASKS else "AutoTokenizer",
         base_model_text=base_model_text,
         method_text=_method_text(hyperparameters or {}, groups, base_model_text),
         auto_class=auto_class,

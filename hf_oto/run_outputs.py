@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,9 @@ class OTORunOutputArguments:
     pruned_model_dir: str | None = field(
         default=None, metadata={"help": "Where the slim model goes (default: <output_dir>/pruned)."}
     )
+    license: str | None = field(
+        default=None, metadata={"help": "License of the slim model, for its card's metadata (e.g. apache-2.0)."}
+    )
 
 
 def write_run_outputs(
@@ -54,8 +57,12 @@ def write_run_outputs(
     benchmark_batch_size: int = 1,
     benchmark_repeats: int = 30,
     seq_length: int = 128,
+    card_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Saves the pruned model of `trainer` and writes `all_results.json` into `trainer.args.output_dir`.
+
+    The card gets the final evaluation metrics of `results` (its `eval_*` figures, e.g. the EM/F1 a script computed
+    itself) and `card_kwargs` (see [`card_metadata`]).
 
     Args:
         trainer ([`OTOTrainer`]): A trainer whose model was pruned with `trainer.prune()`.
@@ -67,6 +74,7 @@ def write_run_outputs(
         dense_reference (`nn.Module`, *optional*): The full-size group-sparse model; when given, the ONNX Runtime
             speedup of the slim model over it is measured (this implies the export) and added to the card.
         benchmark_batch_size, benchmark_repeats, seq_length: Settings of the speedup benchmark.
+        card_kwargs (`Mapping`, *optional*): More arguments of [`hf_oto.model_card.create_model_card`].
 
     Returns:
         `dict`: `results`, completed.
@@ -78,6 +86,8 @@ def write_run_outputs(
     >>> write_run_outputs(trainer, {"eval_f1": 88.0}, pruned_dir="out/pruned", export_onnx=True)  # doctest: +SKIP
     ```
     """
+    metrics = eval_metrics(results)
+    trainer.oto_card_kwargs.update({**({"metrics": metrics} if metrics else {}), **(card_kwargs or {})})
     trainer.save_pruned_model(pruned_dir, overwrite=overwrite)
     return finish_run_outputs(
         trainer.model,
@@ -120,7 +130,7 @@ def finish_run_outputs(
     >>> finish_run_outputs(slim, results, pruned_dir="out/pruned", output_dir="out", write_card=my_card_writer)
     ```
     """
-    results["pruned_model_dir"] = pruned_dir
+    results["pruned_model_dir"] = relative_path(pruned_dir, output_dir)
     if export_onnx or dense_reference is not None:
         from .onnx import onnx_workflow  # needs optimum[onnxruntime]
 
@@ -134,6 +144,8 @@ def finish_run_outputs(
             repeats=benchmark_repeats,
         )
         results.update(onnx_results)
+        if results.get("onnx_dir"):
+            results["onnx_dir"] = relative_path(results["onnx_dir"], output_dir)
         if is_main_process:
             write_card(pruned_dir, speedup=card_speedup, has_onnx=True)
     if is_main_process:
@@ -143,6 +155,55 @@ def finish_run_outputs(
             json.dump(results, handle, indent=2, sort_keys=True)
         logger.info(f"Results: {json.dumps(results, indent=2, sort_keys=True)}")
     return results
+
+
+def relative_path(path: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+    """`path` relative to `output_dir`, as `all_results.json` records folders (no absolute local paths).
+
+    Example:
+
+    ```python
+    >>> relative_path("/runs/out/pruned", "/runs/out")
+    'pruned'
+    ```
+    """
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(output_dir))
+
+
+def eval_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric `eval_*` figures of `results` (without runtimes and throughputs), for the model card."""
+    return {
+        key: float(value)
+        for key, value in results.items()
+        if key.startswith("eval_")
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not key.endswith(("_runtime", "_per_second"))
+    }
+
+
+def card_metadata(
+    *,
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    license: str | None = None,
+    eval_split: str = "validation",
+) -> dict[str, Any]:
+    """Model-card arguments of a script's run: the Hub dataset (for `datasets` and the `model-index`), the license.
+
+    Example:
+
+    ```python
+    >>> card_metadata(dataset_name="glue", dataset_config="sst2", license="apache-2.0")["eval_dataset_name"]
+    'glue sst2'
+    ```
+    """
+    kwargs: dict[str, Any] = {"license": license, "eval_dataset_split": eval_split}
+    if dataset_name is not None:
+        kwargs["datasets"] = [dataset_name]
+        kwargs["eval_dataset_name"] = " ".join(part for part in (dataset_name, dataset_config) if part)
+        kwargs["eval_dataset_config"] = dataset_config
+    return {key: value for key, value in kwargs.items() if value is not None}
 
 
 def parse_script_arguments(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple:

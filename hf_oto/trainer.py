@@ -68,6 +68,15 @@ class OTOTrainer(Trainer):
         zigs ([`ZIGSet`]): The zero-invariant groups trained for sparsity; `None` once the model is pruned.
         oto_init_steps (`int`): Initialization-stage steps of the current run, resolved when training starts.
         pruning_report: The report of [`OTOTrainer.prune`], `None` before.
+        pruned_model_dir (`str`): The folder the slim model was last saved to by [`OTOTrainer.save_pruned_model`]
+            (what [`OTOTrainer.push_to_hub`] uploads), `None` before.
+        oto_card_kwargs (`dict`): Arguments of [`hf_oto.model_card.create_model_card`] (`datasets`, `license`,
+            `metrics`, `has_onnx`, ...) used by every card this trainer writes; set them before saving.
+
+    Pushing to the Hub: with `push_to_hub=True` the `Trainer` would create the repository at construction and push the
+    full-size model at every save. `OTOTrainer` pushes nothing during training (unless `oto_push_checkpoints=True`,
+    which keeps the `Trainer`'s `hub_strategy` semantics) and [`OTOTrainer.push_to_hub`] uploads the slim folder
+    once, after pruning, with [`hf_oto.hub.push_pruned_model`].
 
     Example:
 
@@ -90,6 +99,7 @@ class OTOTrainer(Trainer):
     >>> slim = trainer.prune()  # checks that outputs equal the group-sparse model's on an eval batch
     >>> trainer.save_pruned_model("oto-out/pruned")
     >>> reloaded = load_pruned_model("oto-out/pruned", auto_class=BertForSequenceClassification)
+    >>> trainer.push_to_hub()  # doctest: +SKIP  (uploads oto-out/pruned, once)
     ```
     """
 
@@ -126,6 +136,8 @@ class OTOTrainer(Trainer):
         self.oto_group_kinds: list[str] = list(zigs.num_groups_by_kind())
         self.oto_init_steps: Optional[int] = None
         self.pruning_report = None
+        self.pruned_model_dir: Optional[str] = None
+        self.oto_card_kwargs: dict[str, Any] = {}
         self._oto_num_training_steps: Optional[int] = None
         if self.optimizer is not None and not hasattr(unwrap_optimizer(self.optimizer), "stage"):
             logger.warning(
@@ -365,14 +377,16 @@ class OTOTrainer(Trainer):
         from .modeling import save_pruned_model
 
         directory = output_dir if output_dir is not None else self.args.output_dir
+        into_output_dir = os.path.abspath(directory) == os.path.abspath(self.args.output_dir)
+        if not into_output_dir:
+            self.pruned_model_dir = directory
         if not self.args.should_save:
             return directory
-        name = os.path.basename(os.path.abspath(directory))
 
         def write_card(staging: Path) -> None:
-            self.write_oto_model_card(str(staging), model_name=name)
+            self.write_oto_model_card(str(staging))
 
-        if overwrite and os.path.abspath(directory) == os.path.abspath(self.args.output_dir):
+        if overwrite and into_output_dir:
             self._save_pruned_into_output_dir(write_card)
         else:
             save_pruned_model(
@@ -400,13 +414,106 @@ class OTOTrainer(Trainer):
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         """Saves the dense model as the `Trainer` does, or the slim model with [`OTOTrainer.save_pruned_model`] once
-        the model is pruned (so `push_to_hub` uploads the slim model)."""
+        the model is pruned. Without `oto_push_checkpoints`, it never pushes (see [`OTOTrainer.push_to_hub`])."""
         if not self.is_pruned:
-            return super().save_model(output_dir, _internal_call)
+            # The Trainer pushes the model saved outside its own calls; OTOTrainer pushes the slim model only.
+            return super().save_model(output_dir, _internal_call or not self.args.oto_push_checkpoints)
         directory = output_dir if output_dir is not None else self.args.output_dir
         self.save_pruned_model(directory, overwrite=True)
         if self.args.should_save:
             torch.save(self.args, os.path.join(directory, TRAINING_ARGS_NAME))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Hub
+    # ------------------------------------------------------------------------------------------------------------
+    def init_hf_repo(self, token: Optional[str] = None) -> None:
+        """Creates the Hub repository at construction only with `oto_push_checkpoints=True` (the `Trainer`'s
+        behaviour, to push checkpoints); otherwise [`OTOTrainer.push_to_hub`] creates it when it uploads."""
+        if self.args.oto_push_checkpoints:
+            return super().init_hf_repo(token=token)
+        self.push_in_progress = None
+        return None
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # The Trainer's push at each save uploads the full-size model: only when asked for.
+        if self.args.oto_push_checkpoints:
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    def push_to_hub(
+        self,
+        commit_message: Optional[str] = "End of training",
+        blocking: bool = True,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Uploads the slim model folder, once, to `args.hub_model_id` (default: the name of `args.output_dir`).
+
+        The folder is the one [`OTOTrainer.save_pruned_model`] last wrote (else the slim model is saved into
+        `<output_dir>/pruned` first): weights, `config.json` with the layout, the processing class, the card and its
+        plot, and `onnx/` if exported. Checkpoints, logs and the output folder's other files are not uploaded. The
+        upload is [`hf_oto.hub.push_pruned_model`] (`create_repo(..., exist_ok=True)` then `upload_folder`), from the
+        main process, with `args.hub_token` and `args.hub_private_repo` unless `token` is given.
+
+        Before pruning this raises a `ValueError`, unless `oto_push_checkpoints=True`: then it pushes the full-size
+        model as `Trainer.push_to_hub` does.
+
+        Args:
+            commit_message (`str`, *optional*, defaults to `"End of training"`): The commit message.
+            blocking (`bool`, *optional*, defaults to `True`): Wait for the upload; else return a `Future`.
+            token (`str`, *optional*): A token with write access (default: `args.hub_token`).
+            revision (`str`, *optional*): Branch to commit to (default: `args.hub_revision`).
+            kwargs: Model-card arguments of `Trainer.create_model_card` (`license`, `language`, `tags`,
+                `finetuned_from`, `dataset`, ...): the card is written again with them.
+
+        Returns:
+            The `CommitInfo` of the upload on the main process, `None` on the others.
+
+        Example:
+
+        ```python
+        >>> trainer.prune()
+        >>> trainer.save_pruned_model("bert-sst2-oto/slim")
+        >>> trainer.push_to_hub()  # uploads bert-sst2-oto/slim, once
+        ```
+        """
+        from .hub import push_pruned_model
+
+        if not self.is_pruned:
+            if self.args.oto_push_checkpoints:
+                return super().push_to_hub(commit_message, blocking, token, revision, **kwargs)
+            raise ValueError(
+                "OTOTrainer.push_to_hub() uploads the slim model: call `trainer.prune()` first (after training). To "
+                "push the full-size model as the Trainer does, set `oto_push_checkpoints=True`."
+            )
+        folder = self.pruned_model_dir or self.save_pruned_model(os.path.join(self.args.output_dir, "pruned"))
+        card_kwargs = {
+            "license": kwargs.get("license"),
+            "language": kwargs.get("language"),
+            "model_name": kwargs.get("model_name"),
+            "base_model": kwargs.get("finetuned_from"),
+            "tags": kwargs.get("tags"),
+            "datasets": kwargs.get("dataset", kwargs.get("dataset_tags")),
+        }
+        card_kwargs = {
+            key: [value] if key in ("tags", "datasets") and isinstance(value, str) else value
+            for key, value in card_kwargs.items()
+            if value is not None
+        }
+        if not self.is_world_process_zero():
+            return None
+        if card_kwargs:
+            self.write_oto_model_card(folder, **card_kwargs)
+        self._finish_current_push()
+        return push_pruned_model(
+            folder,
+            self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
+            token=token if token is not None else self.args.hub_token,
+            private=self.args.hub_private_repo,
+            revision=revision if revision is not None else self.args.hub_revision,
+            commit_message=commit_message or "Upload OTO-pruned model",
+            blocking=blocking,
+        )
 
     def create_model_card(
         self,
@@ -455,9 +562,11 @@ class OTOTrainer(Trainer):
 
         Args:
             directory (`str`): The folder of the pruned model.
-            model_name (`str`, *optional*): Title of the card; defaults to the folder name.
+            model_name (`str`, *optional*): Title of the card; defaults to the name of `args.hub_model_id`, else the
+                base model and the task (see [`hf_oto.model_card.card_title`]).
             card_kwargs: More arguments of [`hf_oto.model_card.create_model_card`] (`base_model`, `datasets`,
-                `license`, `language`, `tags`, `speedup`, `has_onnx`, ...); `None` values are dropped.
+                `license`, `language`, `tags`, `metrics`, `speedup`, `has_onnx`, ...); `None` values are dropped.
+                They are kept in `trainer.oto_card_kwargs`, so later cards of this trainer keep them.
 
         Returns:
             `str`: the path of the card.
@@ -468,9 +577,12 @@ class OTOTrainer(Trainer):
             raise ValueError("No pruned model to describe: call `trainer.prune()` after training first.")
         config = getattr(self.model, "config", None)
         name_or_path = getattr(config, "_name_or_path", "") or ""
+        if model_name is not None:
+            card_kwargs["model_name"] = model_name
+        self.oto_card_kwargs.update({key: value for key, value in card_kwargs.items() if value is not None})
+        card_kwargs = dict(self.oto_card_kwargs)
         kwargs: dict[str, Any] = {
-            "model_name": model_name or os.path.basename(os.path.abspath(directory)),
-            "repo_id": self.hub_model_id if getattr(self, "hub_model_id", None) else None,
+            "repo_id": self.args.hub_model_id,
             "base_model": name_or_path if name_or_path and not os.path.exists(name_or_path) else None,
             "auto_class": auto_class_name(self.model),
             "hyperparameters": self.oto_hyperparameters(),

@@ -441,7 +441,13 @@ class OTOTrainingArguments(OTOArguments, TrainingArguments):
     Once. The HSPG optimizer replaces the one `optim` would choose. `fsdp` and `deepspeed` are refused with a
     `ValueError` (see `hf_oto.distributed`); multi-process data parallel (`torchrun`, `accelerate launch`) works.
 
-    The `oto_*` parameters are those of [`OTOArguments`].
+    The `oto_*` parameters are those of [`OTOArguments`], plus:
+
+        oto_push_checkpoints (`bool`, *optional*, defaults to `False`):
+            With `push_to_hub=True`, the `Trainer` pushes the full-size model at every save during training. OTO's
+            product is the slim model, so by default [`OTOTrainer`] pushes nothing during training and
+            `trainer.push_to_hub()` uploads the slim folder once, after `trainer.prune()`. Set this to push the
+            dense checkpoints as well, with the `Trainer`'s own `hub_strategy` semantics.
 
     Example:
 
@@ -459,6 +465,15 @@ class OTOTrainingArguments(OTOArguments, TrainingArguments):
     250
     ```
     """
+
+    oto_push_checkpoints: bool = field(
+        default=False,
+        metadata={
+            "help": "With --push_to_hub, also push the full-size (dense, group-sparse) model during training, at each "
+            "save, as the Trainer does (with its hub_strategy). Default: only the slim model is pushed, once, by "
+            "`push_to_hub()` after pruning."
+        },
+    )
 
     if not hasattr(TrainingArguments, "overwrite_output_dir"):  # removed in transformers 5
         overwrite_output_dir: bool = field(

@@ -56,10 +56,17 @@ from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
 from hf_oto.data.images import ImagePreprocessor, channel_statistics, load_idx_dataset
+from hf_oto.image_processing import OTOImageProcessor
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
-from hf_oto.run_outputs import OTORunOutputArguments, parse_script_arguments, sparsity_results, write_run_outputs
+from hf_oto.run_outputs import (
+    OTORunOutputArguments,
+    card_metadata,
+    parse_script_arguments,
+    sparsity_results,
+    write_run_outputs,
+)
 
 
 logger = logging.get_logger("hf_oto.run_image_classification_oto")
@@ -251,6 +258,11 @@ def run(
         resume_from_checkpoint=training_args.resume_from_checkpoint,
         require_hspg=not data_args.dense_baseline,
     )
+    if data_args.dense_baseline and training_args.push_to_hub:
+        raise ValueError(
+            "--dense_baseline trains a full-size model for comparison and --push_to_hub pushes slim models: drop "
+            "--push_to_hub (push the baseline folder <output_dir>/dense yourself if you need it on the Hub)."
+        )
     with output_dir_lock(training_args.output_dir, is_main_process=training_args.process_index == 0):
         return train_prune_and_save(model_args, data_args, training_args, model_dir)
 
@@ -306,13 +318,18 @@ def train_prune_and_save(
         data_collator=default_data_collator,
         compute_metrics=compute_metrics,
     )
+    # Saved with the model, so that the slim model runs in pipeline("image-classification").
+    processor = OTOImageProcessor(image_size=image_size, num_channels=num_channels, image_mean=mean, image_std=std)
     if data_args.dense_baseline:
         trainer = Trainer(**trainer_kwargs, optimizer_cls_and_kwargs=dense_optimizer(training_args))
     else:
-        trainer = OTOTrainer(**trainer_kwargs)
+        trainer = OTOTrainer(**trainer_kwargs, processing_class=processor)
     results: dict = {"labels": names, "preprocessing": {"image_size": image_size, "mean": mean, "std": std}}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
         results.update({k if k.startswith("train") else f"train_{k}": v for k, v in train_result.metrics.items()})
         results["train_samples"] = len(splits["train"])
     results["dense_params"] = count_parameters(trainer.model)
@@ -348,19 +365,30 @@ def train_prune_and_save(
     results["channels_after"] = report.channels_after
     logger.info(f"OTO architecture (kept channels per family): {results['architecture']}\n{report}")
     if training_args.do_eval:  # the SLIM model
-        results.update(trainer.evaluate(eval_dataset=splits["validation"]))
-        results["eval_samples"] = len(splits["validation"])
+        metrics = trainer.evaluate(eval_dataset=splits["validation"])
+        metrics["eval_samples"] = len(splits["validation"])
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
 
     write_run_outputs(
         trainer,
         results,
         pruned_dir=model_dir,
         overwrite=getattr(training_args, "overwrite_output_dir", False),
+        tokenizer=processor,
         export_onnx=data_args.export_onnx,
         dense_reference=dense_reference,
         benchmark_batch_size=data_args.benchmark_batch_size,
         benchmark_repeats=data_args.benchmark_repeats,
+        card_kwargs=card_metadata(
+            dataset_name=data_args.dataset_name,
+            dataset_config=data_args.dataset_config_name,
+            license=data_args.license,
+        ),
     )
+    if training_args.push_to_hub:  # the slim folder, once
+        trainer.push_to_hub()
     return results, trainer
 
 

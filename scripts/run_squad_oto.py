@@ -49,7 +49,13 @@ from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_paramete
 from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
-from hf_oto.run_outputs import OTORunOutputArguments, parse_script_arguments, sparsity_results, write_run_outputs
+from hf_oto.run_outputs import (
+    OTORunOutputArguments,
+    card_metadata,
+    parse_script_arguments,
+    sparsity_results,
+    write_run_outputs,
+)
 from hf_oto.squad import (
     check_answerable,
     postprocess_qa_predictions,
@@ -196,6 +202,9 @@ def train_prune_and_save(
     results: dict = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
         results.update(
             {
                 f"train_{key}" if not key.startswith("train") else key: value
@@ -230,13 +239,14 @@ def train_prune_and_save(
     results["flops_ratio"] = results["flops"] / results["dense_flops"]
 
     if training_args.do_eval:
-        results.update(
-            {
-                f"eval_{key}": value
-                for key, value in evaluate(slim, eval_examples, eval_dataset, data_args, training_args).items()
-            }
-        )
-        results["eval_samples"] = len(eval_examples)
+        metrics = {
+            f"eval_{key}": value
+            for key, value in evaluate(slim, eval_examples, eval_dataset, data_args, training_args).items()
+        }
+        metrics["eval_samples"] = len(eval_examples)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
 
     write_run_outputs(
         trainer,
@@ -249,7 +259,16 @@ def train_prune_and_save(
         benchmark_batch_size=data_args.benchmark_batch_size,
         benchmark_repeats=data_args.benchmark_repeats,
         seq_length=flops_seq_length,
+        # EM/F1 come from this script's own evaluation, not the Trainer's log: write_run_outputs puts the eval_*
+        # figures of `results` on the card.
+        card_kwargs=card_metadata(
+            dataset_name=data_args.dataset_name,
+            dataset_config=data_args.dataset_config_name,
+            license=data_args.license,
+        ),
     )
+    if training_args.push_to_hub:  # the slim folder, once
+        trainer.push_to_hub()
     return results
 
 

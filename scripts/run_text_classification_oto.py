@@ -31,6 +31,9 @@ python scripts/run_text_classification_oto.py --model_name_or_path path/to/model
     --text_column_name review --label_column_name sentiment \
     --output_dir outputs/reviews-oto --do_train --do_eval --do_predict --max_train_samples 2000
 
+# push the slim model (weights, layout, tokenizer, card) to the Hub at the end, once
+python scripts/run_text_classification_oto.py ... --push_to_hub --hub_model_id me/bert-sst2-oto --license apache-2.0
+
 # all arguments from a JSON file
 python scripts/run_text_classification_oto.py args.json
 ```
@@ -66,7 +69,7 @@ from hf_oto.data.text_classification import (  # noqa: F401  (build_label_list, 
 from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
-from hf_oto.run_outputs import parse_script_arguments, sparsity_results, write_run_outputs
+from hf_oto.run_outputs import card_metadata, parse_script_arguments, sparsity_results, write_run_outputs
 
 
 logger = logging.get_logger("hf_oto.run_text_classification_oto")
@@ -135,6 +138,9 @@ def train_prune_and_save(
     results: dict = {"labels": [str(label) for label in label_list]}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
         results.update(
             {
                 f"train_{key}" if not key.startswith("train") else key: value
@@ -163,6 +169,8 @@ def train_prune_and_save(
 
     if training_args.do_eval:  # the SLIM model (trainer.model after prune)
         metrics = trainer.evaluate(eval_dataset=features["validation"])
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
         results.update(metrics)
         results["eval_samples"] = len(features["validation"])
 
@@ -187,7 +195,14 @@ def train_prune_and_save(
         benchmark_batch_size=data_args.benchmark_batch_size,
         benchmark_repeats=data_args.benchmark_repeats,
         seq_length=flops_seq_length,
+        card_kwargs=card_metadata(
+            dataset_name=data_args.dataset_name,
+            dataset_config=data_args.dataset_config_name,
+            license=data_args.license,
+        ),
     )
+    if training_args.push_to_hub:  # the slim folder, once
+        trainer.push_to_hub()
     return results, trainer
 
 

@@ -32,6 +32,10 @@ accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 \
 # data parallel on 2 CPU processes (gloo): the same command without GPUs
 accelerate launch --multi_gpu --num_processes 2 scripts/run_text_classification_oto_no_trainer.py ...
 
+# a progress bar, TensorBoard logs, and the slim model pushed to the Hub at the end (once)
+python scripts/run_text_classification_oto_no_trainer.py ... --report_to tensorboard --push_to_hub \
+    --hub_model_id me/sst2-oto --license apache-2.0
+
 # resume a killed job from its last complete checkpoint (same arguments)
 python scripts/run_text_classification_oto_no_trainer.py ... --resume_from_checkpoint latest
 ```
@@ -58,6 +62,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import send_to_device
 from datasets import Dataset
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -82,10 +87,18 @@ from hf_oto.data.text_classification import (
 )
 from hf_oto.distributed import check_distributed_support
 from hf_oto.flops import clamp_flops_seq_length
+from hf_oto.hub import push_pruned_model
 from hf_oto.model_card import write_model_card
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
-from hf_oto.run_outputs import finish_run_outputs, parse_script_arguments, sparsity_results
+from hf_oto.run_outputs import (
+    card_metadata,
+    eval_metrics,
+    finish_run_outputs,
+    parse_script_arguments,
+    relative_path,
+    sparsity_results,
+)
 from hf_oto.trainer import auto_class_name, hspg_param_groups, prune_and_check
 from hf_oto.training_args import OTOArguments
 
@@ -150,6 +163,25 @@ class LoopArguments:
     use_cpu: bool = field(
         default=False,
         metadata={"help": "Train on CPUs even if a GPU is available (chosen by itself on a machine without GPUs)."},
+    )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "Experiment trackers for the logs, through accelerate's `log_with`: none, all, or a comma-separated "
+            "list such as tensorboard,wandb (logs go under <output_dir>)."
+        },
+    )
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bar (there is one on the main process)."})
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "Push the slim folder (weights, layout, tokenizer, card) to the Hub once, at the end."},
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "The repository to push to (default: the name of --output_dir)."}
+    )
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the repository private."})
+    hub_token: str | None = field(
+        default=None, metadata={"help": "A token with write access (default: the one `huggingface-cli login` stored)."}
     )
 
     def __post_init__(self):
@@ -331,6 +363,8 @@ def run(
         mixed_precision=loop_args.mixed_precision,
         # The data order of epoch e depends only on the seed and e: the same on every rank, and after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=None if loop_args.report_to == "none" else loop_args.report_to.split(","),
+        project_dir=loop_args.output_dir,
     )
     check_distributed_support(accelerator.distributed_type)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -453,6 +487,16 @@ def train_prune_and_save(
         f"examples x {loop_args.gradient_accumulation_steps} accumulation steps, mixed precision "
         f"{accelerator.mixed_precision}."
     )
+    if loop_args.report_to != "none":
+        accelerator.init_trackers(
+            "hf_oto_text_classification_no_trainer", config=tracker_config(model_args, data_args, oto_args, loop_args)
+        )
+    progress_bar = tqdm(
+        total=max_steps,
+        initial=progress.completed_steps,
+        disable=loop_args.disable_tqdm or not accelerator.is_local_main_process,
+        desc="Training",
+    )
     model.train()
     hspg = unwrap_optimizer(optimizer)
     step_loss, step_batches = torch.zeros((), device=accelerator.device), 0
@@ -479,6 +523,7 @@ def train_prune_and_save(
             if not accelerator.sync_gradients:
                 continue
             progress.completed_steps += 1
+            progress_bar.update(1)
             step = progress.completed_steps
             # This process's losses (reduced over the processes at logging steps and at the end only).
             progress.loss_sum += float(step_loss)
@@ -492,6 +537,9 @@ def train_prune_and_save(
                 logs = {"loss": float(window[0] / window[1]), "learning_rate": lr_scheduler.get_last_lr()[0]}
                 logs.update(oto_sparsity_logs(zigs, hspg))
                 logger.info(f"step {step}/{max_steps}: {logs}")
+                progress_bar.set_postfix(loss=f"{logs['loss']:.4g}")
+                if loop_args.report_to != "none":
+                    accelerator.log(logs, step=step)
                 window_loss, window_batches = 0.0, 0
             if loop_args.checkpointing_steps and step % loop_args.checkpointing_steps == 0 and step < max_steps:
                 save_checkpoint(accelerator, loop_args.output_dir, progress, loop_args.checkpoints_total_limit)
@@ -500,6 +548,7 @@ def train_prune_and_save(
         else:
             progress.epoch += 1
             progress.batches_in_epoch = 0
+    progress_bar.close()
     if loop_args.checkpointing_steps:
         save_checkpoint(accelerator, loop_args.output_dir, progress, loop_args.checkpoints_total_limit)
 
@@ -514,7 +563,7 @@ def train_prune_and_save(
         "mixed_precision": accelerator.mixed_precision,
         "oto_init_steps_resolved": init_steps,
         "skipped_steps": hspg.skipped_steps,
-        "resumed_from": str(checkpoint) if checkpoint is not None else None,
+        "resumed_from": relative_path(checkpoint, loop_args.output_dir) if checkpoint is not None else None,
         **sparsity_results(zigs),
     }
     accelerator.wait_for_everyone()
@@ -535,6 +584,14 @@ def train_prune_and_save(
             max_seq_length=max_seq_length,
             total_steps=max_steps,
         )
+        if loop_args.push_to_hub:  # the slim folder, once
+            push_pruned_model(
+                pruned_dir,
+                loop_args.hub_model_id or Path(loop_args.output_dir).absolute().name,
+                token=loop_args.hub_token,
+                private=loop_args.hub_private_repo,
+                commit_message="End of training",
+            )
     accelerator.wait_for_everyone()
     # Release the DDP wrapper (its reducer holds the process group) before the process group is destroyed: a gloo
     # group destroyed under a live reducer can hang in its destructor at exit.
@@ -597,7 +654,12 @@ def write_outputs(
 
     save_pruned_model(slim, pruned_dir, tokenizer=tokenizer, overwrite=loop_args.overwrite_output_dir)
     card_kwargs = {
-        "model_name": os.path.basename(os.path.abspath(pruned_dir)),
+        **card_metadata(
+            dataset_name=data_args.dataset_name,
+            dataset_config=data_args.dataset_config_name,
+            license=data_args.license,
+        ),
+        "repo_id": loop_args.hub_model_id,
         "auto_class": auto_class_name(slim),
         "hyperparameters": {
             **oto_args.oto_hyperparameters(),
@@ -608,7 +670,7 @@ def write_outputs(
             "total_steps": total_steps,
             "num_processes": results["num_processes"],
         },
-        "metrics": {key: value for key, value in results.items() if key.startswith("eval_")} or None,
+        "metrics": eval_metrics(results) or None,
     }
     name_or_path = model_args.model_name_or_path
     if not os.path.exists(name_or_path):
@@ -631,6 +693,19 @@ def write_outputs(
         benchmark_repeats=data_args.benchmark_repeats,
         seq_length=seq_length,
     )
+
+
+def tracker_config(*dataclasses: Any) -> dict[str, Any]:
+    """The run's arguments as the flat dict of numbers, strings and booleans that trackers accept."""
+    config: dict[str, Any] = {}
+    for arguments in dataclasses:
+        for key, value in asdict(arguments).items():
+            if key == "hub_token":
+                continue
+            value = getattr(value, "value", value)
+            if isinstance(value, (int, float, str, bool)):
+                config[key] = value
+    return config
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

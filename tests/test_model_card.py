@@ -78,3 +78,68 @@ def test_card_without_optional_sections(tmp_path):
     assert "## Evaluation" not in text
     assert "onnx/" not in text
     assert "(not recorded)" in text
+
+
+def test_card_metadata_promises_only_what_loads(tmp_path):
+    """library_name is hf_oto (not transformers: plain from_pretrained fails on a slim folder), the pipeline tag follows
+    the task, the evaluation metrics are a model-index, and the text says what the Hub widget cannot do."""
+    report = _pruned_report("bert")
+    text = write_model_card(
+        tmp_path,
+        report,
+        repo_id="me/bert-sst2-oto",
+        base_model="bert-base-uncased",
+        datasets=["glue"],
+        license="apache-2.0",
+        auto_class="AutoModelForSequenceClassification",
+        metrics={"eval_accuracy": 0.9, "eval_loss": 0.3, "eval_runtime": 1.0, "eval_samples": 16},
+        eval_dataset_name="GLUE SST-2",
+        eval_dataset_config="sst2",
+        eval_dataset_split="validation",
+        has_onnx=True,
+    ).read_text()
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert metadata["library_name"] == "hf_oto"
+    assert metadata["pipeline_tag"] == "text-classification"
+    assert metadata["base_model"] == "bert-base-uncased" and metadata["license"] == "apache-2.0"
+    (entry,) = metadata["model-index"]
+    assert entry["name"] == "bert-sst2-oto"
+    (result,) = entry["results"]
+    assert result["task"] == {"type": "text-classification"}
+    assert result["dataset"] == {"type": "glue", "name": "GLUE SST-2", "config": "sst2", "split": "validation"}
+    assert result["metrics"] == [{"type": "accuracy", "value": 0.9}]
+    assert text.split("---", 2)[2].lstrip().startswith("# bert-sst2-oto\n")
+    assert "cannot run it" in text and "from_pretrained" in text
+    assert 'pipe = pipeline("text-classification", model=model, tokenizer="me/bert-sst2-oto")' in text
+    assert 'ORTModelForSequenceClassification.from_pretrained("me/bert-sst2-oto", subfolder="onnx")' in text
+    assert 'AutoTokenizer.from_pretrained("me/bert-sst2-oto", subfolder="onnx")' in text
+    assert "without\nhf_oto" in text
+
+
+def test_card_title_is_never_a_folder_name():
+    from hf_oto.model_card import card_title
+
+    assert card_title(repo_id="me/bert-sst2-oto") == "bert-sst2-oto"
+    assert card_title(base_model="org/bert-base", pipeline_tag="question-answering") == (
+        "bert-base pruned with OTO for question answering"
+    )
+    assert card_title() == "Model pruned with OTO"
+    assert card_title("My title", repo_id="me/x") == "My title"
+
+
+def test_image_card_loads_with_the_image_processor(tmp_path):
+    from .tiny_convnets import tiny_vgg
+
+    model = tiny_vgg()
+    zigs = build_zigs(model)
+    zigs.set_zero(zigs.random_zero_mask(0.3, generator=torch.Generator().manual_seed(0)))
+    _, report = prune_zero_groups(model, zigs)
+    text = write_model_card(
+        tmp_path, report, auto_class="AutoModelForImageClassification", metrics={"eval_accuracy": 0.5}, has_onnx=True
+    ).read_text()
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert metadata["pipeline_tag"] == "image-classification"
+    assert metadata["model-index"][0]["results"][0]["dataset"]["type"] == "custom"
+    assert text.split("---", 2)[2].lstrip().startswith("# Model pruned with OTO for image classification\n")
+    assert 'image_processor="path/to/this/folder"' in text
+    assert "import hf_oto  # registers OTOImageProcessor" in text

@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForImageClassification
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 from hf_oto import load_pruned_model
 from hf_oto.data.images import ImagePreprocessor, load_idx_dataset, read_idx
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
+
+from .hub_mock import mock_hub
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_image_classification_oto.py"
@@ -67,12 +70,14 @@ def test_script_trains_prunes_and_saves_a_reloadable_slim_convnet(tmp_path):
     data = write_idx_folder(tmp_path / "idx")
     model_dir = write_tiny_convnet(tmp_path / "model")
     output = tmp_path / "out"
-    results, trainer = script.run(
+    with mock_hub() as hub:
+        results, trainer = script.run(
         *script.parse_arguments(
             [
                 "--model_name_or_path", str(model_dir), "--idx_dir", str(data), "--output_dir", str(output),
                 "--do_train", "--do_eval", "--oto_variant", "adamw", "--oto_mode", "paper", "--oto_lambda", "50", "--oto_init_steps", "2",
                 "--oto_max_group_sparsity", "0.5", *COMMON_ARGS,
+                "--save_strategy", "steps", "--save_steps", "2", "--push_to_hub", "--hub_model_id", "me/fmnist-oto",
             ]
         )
     )  # fmt: skip
@@ -92,6 +97,27 @@ def test_script_trains_prunes_and_saves_a_reloadable_slim_convnet(tmp_path):
         assert torch.equal(slim(pixels).logits, trainer.model.eval()(pixels).logits)
     card = (output / "pruned" / "README.md").read_text()
     assert "convolution channels" in card and "## Kept channels per layer" in card and "attention heads" not in card
+
+    (upload,) = hub.uploads
+    assert [created["repo_id"] for created in hub.created] == ["me/fmnist-oto"]
+    assert upload["files"] == [
+        "README.md", "config.json", "model.safetensors", "oto_layout.png", "preprocessor_config.json"
+    ]  # fmt: skip
+    assert any(path.name.startswith("checkpoint-") for path in output.iterdir())  # dense checkpoints, not pushed
+    assert "pipeline_tag: image-classification" in upload["card"]
+    # The saved image processor repeats the training preprocessing: the pipeline gives the model's own scores.
+    processor = AutoImageProcessor.from_pretrained(output / "pruned")
+    assert processor.image_mean == saved["preprocessing"]["mean"] and processor.image_size == 16
+    image = np.random.default_rng(0).integers(0, 256, (12, 12), dtype=np.uint8)
+    scores = pipeline("image-classification", model=slim, image_processor=processor, device="cpu")(
+        Image.fromarray(image, mode="L"), top_k=None
+    )
+    with torch.no_grad():
+        expected = slim(**processor(image, return_tensors="pt")).logits.softmax(-1)[0]
+    label2id = slim.config.label2id
+    assert {p["label"]: round(p["score"], 5) for p in scores} == {
+        label: round(float(expected[index]), 5) for label, index in label2id.items()
+    }
 
 
 def test_dense_baseline_trains_the_same_recipe_without_oto(tmp_path):

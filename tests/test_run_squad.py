@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForQuestionAnswering
 
 from hf_oto import load_pruned_model
 from hf_oto.squad import normalize_answer, read_squad_file, squad_metrics
 
+from .hub_mock import mock_hub
 from .squad_fixture import (
     squad_json,
     squad_json_with_whitespace_answers,
@@ -36,7 +38,8 @@ def test_run_squad_oto_end_to_end(tmp_path):
     model_dir = write_tiny_qa_model(tmp_path / "model")
     data = write_squad_file(tmp_path / "squad.json")
     output_dir = tmp_path / "out"
-    results = load_script().main(
+    with mock_hub() as hub:
+        results = load_script().main(
         [
             "--model_name_or_path", str(model_dir),
             "--train_file", str(data),
@@ -47,11 +50,25 @@ def test_run_squad_oto_end_to_end(tmp_path):
             "--per_device_train_batch_size", "4",
             "--max_steps", "12", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
             "--oto_mode", "paper", "--oto_lambda", "10", "--oto_init_steps", "4",
-            "--report_to", "none", "--save_strategy", "no", "--use_cpu",
+            "--report_to", "none", "--save_strategy", "steps", "--save_steps", "6", "--use_cpu",
+            "--push_to_hub", "--hub_model_id", "team/squad-oto", "--license", "mit",
         ]
     )  # fmt: skip
     written = json.loads((output_dir / "all_results.json").read_text())
     assert written == pytest.approx(results)
+    assert hub.created == [{"repo_id": "team/squad-oto", "private": None, "exist_ok": True, "repo_type": "model"}]
+    (upload,) = hub.uploads
+    assert upload["folder"] == str((output_dir / "pruned").absolute())
+    assert {"README.md", "config.json", "model.safetensors", "oto_layout.png", "tokenizer.json"} <= set(
+        upload["files"]
+    )
+    assert not any(name.startswith(("checkpoint-", "runs", "_")) for name in upload["files"])
+    assert (output_dir / "checkpoint-6").is_dir()
+    card = yaml.safe_load(upload["card"].split("---")[1])
+    assert card["pipeline_tag"] == "question-answering" and card["license"] == "mit"
+    metrics = {m["type"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}
+    # EM/F1 come from the script's own evaluation, not the Trainer's log
+    assert metrics == pytest.approx({"exact_match": written["eval_exact_match"], "f1": written["eval_f1"]})
     for key in ("eval_exact_match", "eval_f1", "group_sparsity", "params", "flops", "dense_params", "dense_flops"):
         assert key in written
     assert 0.0 <= written["eval_exact_match"] <= written["eval_f1"] <= 100.0
@@ -62,7 +79,8 @@ def test_run_squad_oto_end_to_end(tmp_path):
     predictions = json.loads((output_dir / "eval_predictions.json").read_text())
     assert set(predictions) == {f"q{i}" for i in range(6)}
 
-    pruned = Path(written["pruned_model_dir"])
+    assert written["pruned_model_dir"] == "pruned"
+    pruned = output_dir / written["pruned_model_dir"]
     assert (pruned / "config.json").is_file() and (pruned / "model.safetensors").is_file()
     assert (pruned / "README.md").is_file() and (pruned / "tokenizer.json").is_file()
     reloaded = load_pruned_model(pruned, auto_class=AutoModelForQuestionAnswering)
@@ -156,7 +174,8 @@ def test_run_squad_oto_exports_onnx_and_measures_speedup(tmp_path):
     written = json.loads((output_dir / "all_results.json").read_text())
     assert written["onnx_speedup"] > 0 and written["onnx_latency_slim_ms"] > 0
     assert written["onnx_flops_ratio"] == pytest.approx(written["dense_flops"] / written["flops"], rel=1e-6)
-    pruned = Path(results["pruned_model_dir"])
+    assert written["onnx_dir"] == "pruned/onnx"  # relative to output_dir
+    pruned = output_dir / results["pruned_model_dir"]
     assert (pruned / "onnx" / "model.onnx").is_file()
     card = (pruned / "README.md").read_text()
     assert "## Measured speedup" in card

@@ -12,6 +12,8 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertMod
 
 from hf_oto import load_pruned_model
 
+from .hub_mock import mock_hub
+
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_text_classification_oto.py"
 
@@ -93,8 +95,26 @@ def test_csv_string_labels_end_to_end(tmp_path, model_dir):
         "--train_file", str(train), "--validation_file", str(validation), "--test_file", str(test),
         "--text_column_name", "sentence", "--label_column_name", "sentiment",
         "--output_dir", str(output_dir), "--do_train", "--do_eval", "--do_predict", *COMMON_ARGS,
+        # dense checkpoints during training, which must not be pushed; the slim folder pushed once at the end
+        "--save_strategy", "steps", "--save_steps", "6",
+        "--push_to_hub", "--hub_model_id", "reviews-oto", "--hub_private_repo", "true", "--license", "apache-2.0",
     ]  # fmt: skip
-    results, trainer = module.run(*module.parse_arguments(argv))
+    with mock_hub() as hub:
+        results, trainer = module.run(*module.parse_arguments(argv))
+    assert hub.created == [{"repo_id": "me/reviews-oto", "private": True, "exist_ok": True, "repo_type": "model"}]
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "me/reviews-oto" and upload["folder"] == str((output_dir / "pruned").absolute())
+    assert upload["files"] == [
+        "README.md", "config.json", "model.safetensors", "oto_layout.png", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+    ]  # fmt: skip
+    assert (output_dir / "checkpoint-6").is_dir()  # a dense checkpoint was saved, not pushed
+    card = upload["card"]
+    assert "library_name: hf_oto" in card and "license: apache-2.0" in card and "# reviews-oto\n" in card
+    assert 'load_pruned_model("me/reviews-oto", auto_class=AutoModelForSequenceClassification)' in card
+    assert "- type: accuracy" in card and "pipeline_tag: text-classification" in card
+    for name in ("train_results.json", "eval_results.json", "trainer_state.json"):
+        assert (output_dir / name).is_file(), name
 
     written = json.loads((output_dir / "all_results.json").read_text())
     assert written == json.loads(json.dumps(results))
@@ -116,8 +136,8 @@ def test_csv_string_labels_end_to_end(tmp_path, model_dir):
     assert predictions[0] == "index\tprediction" and len(predictions) == 7
     assert {line.split("\t")[1] for line in predictions[1:]} <= {"negative", "positive"}
 
-    pruned = Path(written["pruned_model_dir"])
-    assert pruned == output_dir / "pruned"
+    assert written["pruned_model_dir"] == "pruned"  # relative to output_dir
+    pruned = output_dir / written["pruned_model_dir"]
     for name in ("config.json", "model.safetensors", "README.md", "tokenizer.json"):
         assert (pruned / name).is_file(), name
     reloaded = load_pruned_model(pruned, auto_class=AutoModelForSequenceClassification)
@@ -147,7 +167,7 @@ def test_jsonl_sentence_pairs_integer_labels(tmp_path, model_dir):
     )  # fmt: skip
     assert results["labels"] == ["0", "1"] and results["eval_samples"] == 8
     assert results["zero_groups"] > 0 and results["params"] < results["dense_params"]
-    assert (tmp_path / "slim" / "README.md").is_file() and results["pruned_model_dir"] == str(tmp_path / "slim")
+    assert (tmp_path / "slim" / "README.md").is_file() and results["pruned_model_dir"] == "../slim"
 
 
 def test_label_names_of_a_class_label_column():

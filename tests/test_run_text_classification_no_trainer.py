@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from transformers import AutoModelForSequenceClassification
 
 from hf_oto import build_zigs, load_pruned_model
 
+from .hub_mock import mock_hub
 from .subprocess_utils import REPO, launch_env
 from .test_run_text_classification import reviews, write_csv, write_tiny_classifier
 
@@ -62,8 +64,26 @@ def test_end_to_end_bf16_gradient_accumulation(tmp_path, job, one_thread):
         "--do_eval", "--do_predict", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
         "--max_steps", "12", "--oto_init_steps", "4", "--mixed_precision", "bf16", "--warmup_steps", "2",
         "--checkpointing_steps", "4", "--checkpoints_total_limit", "2",
+        "--push_to_hub", "--hub_model_id", "reviews-oto", "--report_to", "tensorboard", "--disable_tqdm", "true",
     )  # fmt: skip
-    results = load_script().main(argv)
+    with (
+        mock_hub() as hub,
+        mock.patch("accelerate.Accelerator.init_trackers") as init_trackers,
+        mock.patch("accelerate.Accelerator.log") as log,
+    ):
+        results = load_script().main(argv)
+    init_trackers.assert_called_once()
+    assert init_trackers.call_args.kwargs["config"]["learning_rate"] == 1e-2
+    assert [call.kwargs["step"] for call in log.call_args_list] == [2, 4, 6, 8, 10, 12]
+    assert hub.created == [{"repo_id": "me/reviews-oto", "private": None, "exist_ok": True, "repo_type": "model"}]
+    (upload,) = hub.uploads
+    assert upload["folder"] == str((output_dir / "pruned").absolute())
+    assert upload["files"] == [
+        "README.md", "config.json", "model.safetensors", "oto_layout.png", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+    ]  # fmt: skip
+    assert 'load_pruned_model("me/reviews-oto"' in upload["card"] and "- type: accuracy" in upload["card"]
+    assert results["pruned_model_dir"] == "pruned"
 
     assert json.loads((output_dir / "all_results.json").read_text()) == json.loads(json.dumps(results))
     assert results["mixed_precision"] == "bf16" and results["num_processes"] == 1

@@ -427,41 +427,68 @@ def test_save_pruned_model_before_pruning_is_an_error(tmp_path):
         trainer.save_pruned_model(str(tmp_path / "slim"))
 
 
-def test_push_to_hub_uploads_the_slim_model(pruned):
+def test_push_to_hub_uploads_the_slim_folder_once(pruned, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from hf_oto.modeling import load_pruned_model
 
+    from .hub_mock import mock_hub
+
     trainer, _, slim, params_before = pruned
-    # A dense sharded save left in the output folder must not be uploaded next to the slim model.
+    # A dense sharded save left in the output folder must not be uploaded.
     output_dir = trainer.args.output_dir
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "model.safetensors.index.json"), "w") as handle:
         json.dump({"metadata": {}, "weight_map": {"classifier.bias": "model-00001-of-00002.safetensors"}}, handle)
-    with open(os.path.join(output_dir, "model-00001-of-00002.safetensors"), "wb") as handle:
-        handle.write(b"dense")
-    uploaded = {}
+    folder = tmp_path / "slim"
+    trainer.save_pruned_model(str(folder))
+    with mock_hub() as hub:
+        trainer.push_to_hub(commit_message="slim", license="apache-2.0")
+    assert [created["repo_id"] for created in hub.created] == [f"me/{os.path.basename(output_dir)}"]
+    assert hub.created[0]["exist_ok"] is True
+    (upload,) = hub.uploads
+    assert upload["folder"] == str(folder.absolute()) and upload["commit_message"] == "slim"
+    assert upload["files"] == ["README.md", "config.json", "model.safetensors", "oto_layout.png"]
+    assert f'load_pruned_model("me/{os.path.basename(output_dir)}"' in upload["card"]
+    assert "license: apache-2.0" in upload["card"] and "only-train-once" in upload["card"]
+    reloaded = load_pruned_model(folder, auto_class=AutoModelForSequenceClassification)
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in slim.parameters()) < params_before
 
-    def fake_upload_folder(*, repo_id, folder_path, **kwargs):
-        uploaded["repo_id"] = repo_id
-        uploaded["model"] = load_pruned_model(folder_path, auto_class=AutoModelForSequenceClassification)
-        uploaded["files"] = sorted(os.listdir(folder_path))
-        return "https://huggingface.co/user/tiny-oto/commit/0"
 
-    repo = mock.Mock(repo_id="user/tiny-oto")
-    with (
-        mock.patch("transformers.trainer.create_repo", return_value=repo) as create_repo,
-        mock.patch("transformers.trainer.upload_folder", side_effect=fake_upload_folder),
-    ):
-        trainer.push_to_hub(commit_message="slim")
+def test_push_to_hub_never_pushes_dense_checkpoints_unless_asked(tmp_path):
+    from .hub_mock import mock_hub
+
+    data = random_dataset(16)
+    with mock_hub() as hub:
+        args = oto_args(
+            tmp_path / "out", max_steps=4, save_strategy="steps", save_steps=2, push_to_hub=True,
+            hub_model_id="me/tiny-oto", hub_private_repo=True,
+        )  # fmt: skip
+        trainer = OTOTrainer(tiny_model("bert"), args, train_dataset=data, eval_dataset=data[:4])
+        trainer.train()
+        trainer.save_model()  # the dense model, in output_dir: not pushed either
+        with pytest.raises(ValueError, match=r"call `trainer.prune\(\)` first"):
+            trainer.push_to_hub()
+        assert hub.created == [] and hub.uploads == []
+        trainer.prune()
+        trainer.push_to_hub()
+    (upload,) = hub.uploads
+    assert hub.created == [{"repo_id": "me/tiny-oto", "private": True, "exist_ok": True, "repo_type": "model"}]
+    assert upload["folder"] == str((tmp_path / "out" / "pruned").absolute())
+    assert not any(name.startswith(("checkpoint-", "runs/", "_")) for name in upload["files"])
+    assert "model.safetensors" in upload["files"] and "training_args.bin" not in upload["files"]
+
+    # Opting in: the Trainer's own save-time pushes (its create_repo / upload_folder) run.
+    with mock.patch("transformers.trainer.create_repo") as create_repo:
+        create_repo.return_value.repo_id = "me/tiny-oto"
+        with mock.patch("transformers.trainer.upload_folder") as upload_folder:
+            args = oto_args(
+                tmp_path / "opt-in", max_steps=2, save_strategy="steps", save_steps=2, push_to_hub=True,
+                hub_model_id="me/tiny-oto", oto_push_checkpoints=True,
+            )  # fmt: skip
+            OTOTrainer(tiny_model("bert"), args, train_dataset=data).train()
     create_repo.assert_called_once()
-    assert uploaded["repo_id"] == "user/tiny-oto"
-    assert "README.md" in uploaded["files"] and "config.json" in uploaded["files"]
-    assert "model.safetensors" in uploaded["files"] and "model.safetensors.index.json" not in uploaded["files"]
-    assert "model-00001-of-00002.safetensors" not in uploaded["files"]
-    assert "only-train-once" in open(os.path.join(output_dir, "README.md")).read()
-    assert sum(p.numel() for p in uploaded["model"].parameters()) == sum(p.numel() for p in slim.parameters())
-    assert sum(p.numel() for p in uploaded["model"].parameters()) < params_before
+    assert upload_folder.call_count >= 1
 
 
 def test_default_target_mode_reaches_half_the_flops_and_logs_it(tmp_path):
