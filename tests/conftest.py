@@ -5,6 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from transformers.utils import logging as transformers_logging
+
+
+@pytest.fixture(autouse=True)
+def restore_transformers_verbosity():
+    """A `Trainer` applies its `log_level` to the whole `transformers` logger (the trainer tests pass `"error"`):
+    every test starts from, and leaves, the verbosity it found, so tests that read transformers' warnings do not
+    depend on the order the tests run in."""
+    verbosity = transformers_logging.get_verbosity()
+    yield
+    transformers_logging.set_verbosity(verbosity)
 
 
 @pytest.fixture
