@@ -65,6 +65,54 @@ def _require_optimum() -> None:
             f"ONNX export and benchmarks need {missing}; install them with `pip install 'hf_oto[onnx]'` "
             "(optimum[onnxruntime])."
         )
+    register_onnx_configs()
+
+
+HF_OTO_ONNX_TASKS = {"hf-oto-cifar-convnet": ("image-classification",)}
+"""The model types hf_oto defines, with the Optimum export tasks [`register_onnx_configs`] registers for them."""
+
+_registered_onnx_configs = False
+
+
+def register_onnx_configs() -> None:
+    """Registers Optimum ONNX export configs for the model types hf_oto defines (see `HF_OTO_ONNX_TASKS`).
+
+    Optimum's exporter (`onnx_export_from_model`, `optimum-cli export onnx`) and `TasksManager` know only the model
+    types Optimum ships configs for. This adds `hf-oto-cifar-convnet` (the CIFAR-layout VGG and ResNet of
+    `hf_oto.models`) for `image-classification`: one `pixel_values` input with a dynamic batch axis (the VGG classifier
+    flattens a feature map of the config's `image_size`, so height and width are fixed) and the `logits` output.
+    Called by [`export_onnx`], [`resolve_task`] and [`benchmark_speedup`]; calling it again does nothing. An export
+    loads with `optimum.onnxruntime.ORTModelForImageClassification` once `hf_oto` is imported (which registers the
+    config class with `AutoConfig`).
+
+    Example:
+
+    ```python
+    >>> from optimum.exporters.tasks import TasksManager
+    >>> from hf_oto.onnx import register_onnx_configs
+
+    >>> register_onnx_configs()
+    >>> list(TasksManager.get_supported_tasks_for_model_type("hf-oto-cifar-convnet", "onnx", library_name="transformers"))
+    ['image-classification']
+    ```
+    """
+    global _registered_onnx_configs
+    if _registered_onnx_configs:
+        return
+    from optimum.exporters.onnx.model_configs import ViTOnnxConfig
+    from optimum.exporters.tasks import TasksManager
+
+    class CifarConvNetOnnxConfig(ViTOnnxConfig):
+        """Optimum ONNX config of `hf_oto.models.CifarConvNetForImageClassification`: pixels in, logits out."""
+
+        @property
+        def inputs(self) -> dict[str, dict[int, str]]:
+            return {"pixel_values": {0: "batch_size"}}
+
+    register = TasksManager.create_register("onnx", overwrite_existing=True)
+    for model_type, tasks in HF_OTO_ONNX_TASKS.items():
+        register(model_type, *tasks)(CifarConvNetOnnxConfig)
+    _registered_onnx_configs = True
 
 
 def _module_available(name: str) -> bool:
@@ -115,6 +163,8 @@ def resolve_task(model: nn.Module, task: str | None = None) -> str:
 
     model_type = model.config.model_type.replace("_", "-")
     supported = list(TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers"))
+    if (task is None or task == "auto") and model_type in HF_OTO_ONNX_TASKS:
+        task = HF_OTO_ONNX_TASKS[model_type][0]  # Optimum infers tasks from the class names it knows
     if task is None or task == "auto":
         try:
             task = TasksManager._infer_task_from_model_or_model_class(model=model)
@@ -166,15 +216,21 @@ def _dummy_feed(input_names: list[str], config: Any, batch_size: int, seq_length
         elif name == "position_ids":
             feed[name] = np.broadcast_to(np.arange(seq_length, dtype=np.int64), (batch_size, seq_length)).copy()
         elif name == "pixel_values":
-            size = getattr(config, "image_size", 224)
             channels = getattr(config, "num_channels", 3)
-            feed[name] = rng.standard_normal((batch_size, channels, size, size)).astype(np.float32)
+            feed[name] = rng.standard_normal((batch_size, channels, *_image_size(config))).astype(np.float32)
         else:
             raise ValueError(
                 f"The exported model takes an input {name!r} that hf_oto cannot make up; supported inputs are "
                 "input_ids, attention_mask, token_type_ids, position_ids and pixel_values."
             )
     return feed
+
+
+def _image_size(config: Any) -> tuple[int, int]:
+    """(height, width) of the images a vision model takes: `config.image_size` (an int or a pair), else 224 (what
+    [`~hf_oto.flops.count_flops`] assumes too)."""
+    size = getattr(config, "image_size", None) or 224
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
 
 
 def _session(path: Path, num_threads: int | None = None, allow_spinning: bool = True):
@@ -337,9 +393,12 @@ def export_onnx(
         was_training = model.training
         model.eval()
         try:
-            onnx_export_from_model(
-                model, staging, opset=opset, task=task, do_validation=False, monolith=True, **export_kwargs
-            )
+            if model.config.model_type in HF_OTO_ONNX_TASKS:
+                _export_hf_oto_model(model, staging, task, opset, **export_kwargs)
+            else:
+                onnx_export_from_model(
+                    model, staging, opset=opset, task=task, do_validation=False, monolith=True, **export_kwargs
+                )
         finally:
             model.train(was_training)
         if tokenizer is not None:
@@ -349,6 +408,43 @@ def export_onnx(
             logger.info(f"ONNX export of {directory} matches the PyTorch model (max abs differences {differences}).")
     logger.info(f"Exported {type(model).__name__} for {task!r} to {directory}.")
     return directory
+
+
+_HF_OTO_EXPORT_KWARGS = ("do_constant_folding", "no_dynamic_axes", "input_shapes")
+
+
+def _export_hf_oto_model(
+    model: nn.Module, directory: Path, task: str, opset: int | None = None, **export_kwargs: Any
+) -> None:
+    """Exports a model of a type hf_oto defines (`HF_OTO_ONNX_TASKS`) with Optimum's `export` and the config that
+    [`register_onnx_configs`] registered, into the folder layout of `onnx_export_from_model` (`model.onnx`,
+    `config.json`). `onnx_export_from_model` itself refuses such models: it infers the library of a model from the
+    module of its class, which is `hf_oto`, not `transformers`."""
+    from optimum.exporters.onnx import export
+    from optimum.exporters.tasks import TasksManager
+
+    model_type = model.config.model_type
+    if export_kwargs.get("optimize") is not None:
+        raise ValueError(
+            f"optimize={export_kwargs['optimize']!r} is not available for model_type={model_type!r}: Optimum's "
+            "ORTOptimizer only knows transformer model types, and its O1-O3 levels fuse attention and GELU, which a "
+            "conv net has none of (the ONNX Runtime session fuses Conv + BatchNorm + ReLU by itself). Drop `optimize`."
+        )
+    export_kwargs.pop("optimize", None)
+    unknown = sorted(set(export_kwargs) - set(_HF_OTO_EXPORT_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"Export options {unknown} are not supported for model_type={model_type!r} (hf_oto exports it with "
+            f"Optimum's `export`, not `onnx_export_from_model`); drop them or use only {list(_HF_OTO_EXPORT_KWARGS)}."
+        )
+    constructor = TasksManager.get_exporter_config_constructor(
+        exporter="onnx", task=task, model_type=model_type, library_name="transformers"
+    )
+    onnx_config = constructor(model.config, task=task)
+    directory.mkdir(parents=True, exist_ok=True)
+    opset = opset or onnx_config.DEFAULT_ONNX_OPSET
+    export(model, onnx_config, directory / ONNX_FILE_NAME, opset=opset, **export_kwargs)
+    model.config.save_pretrained(directory)
 
 
 def export_onnx_subfolder(
@@ -504,9 +600,13 @@ def _load_torch_model(directory: Path) -> nn.Module:
             f"{str(directory)!r} has no config.json: benchmark_speedup needs a model folder (written by "
             "`save_pretrained` or `hf_oto.modeling.save_pruned_model`) or a model object."
         )
+    from . import models as hf_oto_models
+
     config = AutoConfig.from_pretrained(directory)
     architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    model_class = None
+    if architectures:  # a transformers class, or one of hf_oto's own (the CIFAR conv nets)
+        model_class = getattr(transformers, architectures[0], None) or getattr(hf_oto_models, architectures[0], None)
     model_class = model_class or AutoModel
     if getattr(config, "oto_layout", None) is not None:
         from .modeling import load_pruned_model
@@ -701,6 +801,33 @@ def benchmark_speedup(
 # ----------------------------------------------------------------------------------------------------------------
 # In the training workflow
 # ----------------------------------------------------------------------------------------------------------------
+class OnnxExportError(RuntimeError):
+    """A step of [`onnx_workflow`] (the `--export_onnx` / `--benchmark_speedup` tail of a training script) failed.
+
+    Args:
+        message (`str`): What failed, and how to redo it.
+        stage (`str`): `"export"` or `"benchmark"`.
+        results (`dict`, *optional*): The figures of the steps that succeeded (e.g. `onnx_dir` when only the benchmark
+            failed).
+
+    Example:
+
+    ```python
+    >>> from hf_oto.onnx import OnnxExportError
+
+    >>> try:
+    ...     onnx_workflow(slim, "out/pruned")  # doctest: +SKIP
+    ... except OnnxExportError as error:
+    ...     print(error.stage, error)
+    ```
+    """
+
+    def __init__(self, message: str, *, stage: str, results: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.stage = stage
+        self.results = dict(results or {})
+
+
 def onnx_workflow(
     slim: nn.Module,
     pruned_dir: str | os.PathLike,
@@ -721,6 +848,10 @@ def onnx_workflow(
         `tuple[dict, dict | None]`: flat figures for `all_results.json` (`onnx_dir`, `onnx_speedup`,
         `onnx_latency_dense_ms`, ...), and the speedup summary for the model card (`None` without a benchmark).
 
+    Raises:
+        [`OnnxExportError`] when the export or the benchmark fails (the original error is its `__cause__`); the export
+        is atomic, so a failed export leaves no `onnx/` subfolder behind.
+
     Example:
 
     ```python
@@ -732,27 +863,48 @@ def onnx_workflow(
     results: dict[str, Any] = {}
     onnx_dir = None
     if export:
-        onnx_dir = export_onnx_subfolder(slim, pruned_dir, tokenizer)
+        try:
+            onnx_dir = export_onnx_subfolder(slim, pruned_dir, tokenizer)
+        except Exception as error:
+            raise OnnxExportError(
+                f"The ONNX export of the slim {type(slim).__name__} to {Path(pruned_dir) / ONNX_SUBFOLDER} failed "
+                f"({type(error).__name__}: {error})",
+                stage="export",
+            ) from error
         results["onnx_dir"] = str(onnx_dir)
     if dense is None:
         return results, None
-    measured = benchmark_speedup(
-        dense, slim, batch_size=batch_size, seq_length=seq_length, repeats=repeats, slim_onnx=onnx_dir
-    )
+    try:
+        measured = benchmark_speedup(
+            dense, slim, batch_size=batch_size, seq_length=seq_length, repeats=repeats, slim_onnx=onnx_dir
+        )
+    except Exception as error:
+        raise OnnxExportError(
+            f"The ONNX Runtime speedup benchmark of the slim {type(slim).__name__} failed ({type(error).__name__}: "
+            f"{error})",
+            stage="benchmark",
+            results=results,
+        ) from error
     results.update(
         onnx_speedup=measured.speedup,
         onnx_latency_dense_ms=measured.dense.median_ms,
         onnx_latency_slim_ms=measured.slim.median_ms,
         onnx_flops_ratio=measured.flops_ratio,
         onnx_benchmark_batch_size=batch_size,
-        onnx_benchmark_seq_length=seq_length,
     )
+    if getattr(slim, "main_input_name", None) == "pixel_values":
+        height, width = _image_size(slim.config)
+        results["onnx_benchmark_image_size"] = [height, width]
+        shape = ("batch size x image size", f"{batch_size} x {height} x {width}")
+    else:
+        results["onnx_benchmark_seq_length"] = seq_length
+        shape = ("batch size x sequence length", f"{batch_size} x {seq_length}")
     card = {
         "ONNX Runtime speedup (median latency, dense / slim)": f"{measured.speedup:.2f}x",
         "dense latency (median)": f"{measured.dense.median_ms:.2f} ms",
         "slim latency (median)": f"{measured.slim.median_ms:.2f} ms",
         "FLOPs ratio (dense / slim)": f"{measured.flops_ratio:.2f}x",
-        "batch size x sequence length": f"{batch_size} x {seq_length}",
+        shape[0]: shape[1],
         "threads": str(measured.num_threads if measured.num_threads is not None else "ORT default"),
         "timed rounds": str(repeats),
     }

@@ -124,6 +124,16 @@ def finish_run_outputs(
     and speedup (the card is then rewritten through `write_card(pruned_dir, speedup=..., has_onnx=True)`), and
     `all_results.json` in `output_dir` (written by the main process).
 
+    A failed export or benchmark never loses the run: `all_results.json` is written before the export starts and
+    again after it, with the error under `onnx_export_error` (or `onnx_benchmark_error`, the export being kept), and
+    the slim folder stays as saved (the export is atomic, so no half `onnx/` subfolder is left). The failure is then
+    raised as an [`~hf_oto.onnx.OnnxExportError`] whose message says where the model and results are and how to
+    export again; the scripts exit with status 1 and that message (a run asked for an export it did not get), before
+    `--push_to_hub`.
+
+    Raises:
+        [`~hf_oto.onnx.OnnxExportError`] when the export or the benchmark failed, after writing everything else.
+
     Example:
 
     ```python
@@ -132,29 +142,88 @@ def finish_run_outputs(
     """
     results["pruned_model_dir"] = relative_path(pruned_dir, output_dir)
     if export_onnx or dense_reference is not None:
-        from .onnx import onnx_workflow  # needs optimum[onnxruntime]
+        from .onnx import OnnxExportError, onnx_workflow
 
-        onnx_results, card_speedup = onnx_workflow(
-            slim,
-            pruned_dir,
-            dense=dense_reference,
-            tokenizer=tokenizer,
-            batch_size=benchmark_batch_size,
-            seq_length=seq_length,
-            repeats=benchmark_repeats,
-        )
+        if is_main_process:  # first: whatever happens in the export, the run's figures are on disk
+            write_all_results(results, output_dir)
+        try:
+            onnx_results, card_speedup = onnx_workflow(
+                slim,
+                pruned_dir,
+                dense=dense_reference,
+                tokenizer=tokenizer,
+                batch_size=benchmark_batch_size,
+                seq_length=seq_length,
+                repeats=benchmark_repeats,
+            )
+        except OnnxExportError as error:
+            raise _record_onnx_failure(error, results, pruned_dir, output_dir, write_card, is_main_process) from (
+                error.__cause__ or error
+            )
         results.update(onnx_results)
         if results.get("onnx_dir"):
             results["onnx_dir"] = relative_path(results["onnx_dir"], output_dir)
         if is_main_process:
             write_card(pruned_dir, speedup=card_speedup, has_onnx=True)
     if is_main_process:
-        path = Path(output_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        with open(path / "all_results.json", "w") as handle:
-            json.dump(results, handle, indent=2, sort_keys=True)
+        write_all_results(results, output_dir)
         logger.info(f"Results: {json.dumps(results, indent=2, sort_keys=True)}")
     return results
+
+
+def _record_onnx_failure(
+    error: Exception,
+    results: dict[str, Any],
+    pruned_dir: str,
+    output_dir: str,
+    write_card: Callable[..., Any],
+    is_main_process: bool,
+) -> Exception:
+    """Records a failed ONNX step in `results` and `all_results.json`; returns the error to raise."""
+    from .onnx import OnnxExportError
+
+    stage = getattr(error, "stage", "export")
+    results.update(getattr(error, "results", {}))
+    if results.get("onnx_dir"):  # the export succeeded, the benchmark failed
+        results["onnx_dir"] = relative_path(results["onnx_dir"], output_dir)
+    cause = error.__cause__ or error
+    results[f"onnx_{stage}_error"] = f"{type(cause).__name__}: {cause}"
+    results_file = Path(output_dir) / "all_results.json"
+    if stage == "export":
+        retry = (
+            f"export it again with `hf-oto export {pruned_dir} {Path(pruned_dir) / 'onnx'}` once the cause is fixed"
+        )
+    else:
+        retry = f"measure it again with `hf-oto benchmark <dense folder> {pruned_dir}`"
+    message = (
+        f"{error}. The training results are kept: the slim model is saved in {pruned_dir} and the figures in "
+        f"{results_file} (with `onnx_{stage}_error`); {retry}."
+    )
+    if is_main_process:
+        if results.get("onnx_dir"):
+            write_card(pruned_dir, speedup=None, has_onnx=True)
+        write_all_results(results, output_dir)
+        logger.error(message, exc_info=cause)
+    return OnnxExportError(message, stage=stage, results=results)
+
+
+def write_all_results(results: Mapping[str, Any], output_dir: str | os.PathLike) -> Path:
+    """Writes `results` to `<output_dir>/all_results.json` (sorted keys, indented); returns the file.
+
+    Example:
+
+    ```python
+    >>> write_all_results({"eval_accuracy": 0.91}, "out")  # doctest: +SKIP
+    PosixPath('out/all_results.json')
+    ```
+    """
+    path = Path(output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    target, partial = path / "all_results.json", path / "all_results.json.tmp"
+    with open(partial, "w") as handle:
+        json.dump(results, handle, indent=2, sort_keys=True)
+    os.replace(partial, target)  # a write killed half-way leaves the previous file, not half of the new one
+    return target
 
 
 def relative_path(path: str | os.PathLike, output_dir: str | os.PathLike) -> str:

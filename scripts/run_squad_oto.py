@@ -47,6 +47,7 @@ from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
 from hf_oto.flops import clamp_flops_seq_length
+from hf_oto.onnx import OnnxExportError
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
 from hf_oto.run_outputs import (
@@ -301,4 +302,7 @@ def evaluate(model, examples, features, data_args: DataTrainingArguments, traini
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OnnxExportError as error:  # the slim model and all_results.json are saved: the message says where
+        raise SystemExit(f"ERROR: {error}") from None

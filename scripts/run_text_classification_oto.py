@@ -67,6 +67,7 @@ from hf_oto.data.text_classification import (  # noqa: F401  (build_label_list, 
     tokenize_splits,
 )
 from hf_oto.flops import clamp_flops_seq_length
+from hf_oto.onnx import OnnxExportError
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
 from hf_oto.run_outputs import card_metadata, parse_script_arguments, sparsity_results, write_run_outputs
@@ -213,4 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OnnxExportError as error:  # the slim model and all_results.json are saved: the message says where
+        raise SystemExit(f"ERROR: {error}") from None

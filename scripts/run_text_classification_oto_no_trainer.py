@@ -89,6 +89,7 @@ from hf_oto.distributed import check_distributed_support
 from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.hub import push_pruned_model
 from hf_oto.model_card import write_model_card
+from hf_oto.onnx import OnnxExportError
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
 from hf_oto.run_outputs import (
@@ -714,4 +715,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OnnxExportError as error:  # the slim model and all_results.json are saved: the message says where
+        raise SystemExit(f"ERROR: {error}") from None

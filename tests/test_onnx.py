@@ -174,3 +174,125 @@ def test_cli_benchmark_on_saved_folders(tmp_path, capsys):
         cli.main()
     assert cli.main(["export", str(tmp_path / "slim"), str(tmp_path / "slim" / "onnx")]) == 0
     _ort_outputs_match(slim, tmp_path / "slim" / "onnx", "text-classification")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conv nets: hf_oto's CIFAR VGG / ResNet (its own model type, registered with Optimum) and transformers' ResNet & co.
+# ----------------------------------------------------------------------------------------------------------------
+def _tiny_regnet():
+    from transformers import RegNetConfig, RegNetForImageClassification
+
+    config = RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], groups_width=4, num_labels=3)
+    config.image_size = 32
+    return RegNetForImageClassification(config)
+
+
+def _tiny_efficientnet():
+    from transformers import EfficientNetConfig, EfficientNetForImageClassification
+
+    config = EfficientNetConfig(
+        image_size=32, width_coefficient=0.1, depth_coefficient=0.2, hidden_dim=128, num_labels=3
+    )
+    return EfficientNetForImageClassification(config)
+
+
+def _slim_convnet(factory, seed: int = 0):
+    """A conv net with non-trivial batch norms and half of its channel groups zeroed at random, and its slim copy."""
+    from .tiny_convnets import randomize_batch_norms
+
+    torch.manual_seed(seed)
+    model = randomize_batch_norms(factory()).eval()
+    zigs = build_zigs(model)
+    zigs.set_zero(zigs.random_zero_mask(0.5, generator=torch.Generator().manual_seed(seed)))
+    slim, _ = prune_zero_groups(model, zigs, inplace=False)
+    return model, slim.eval()
+
+
+def _convnet_factories():
+    from .tiny_convnets import tiny_cifar_resnet, tiny_hf_resnet, tiny_vgg
+
+    return {
+        "cifar-vgg": tiny_vgg,
+        "cifar-resnet-basic": lambda: tiny_cifar_resnet("basic"),
+        "cifar-resnet-bottleneck": tiny_cifar_resnet,
+        "hf-resnet": tiny_hf_resnet,
+        "hf-regnet": _tiny_regnet,
+        "hf-efficientnet": _tiny_efficientnet,
+    }
+
+
+@pytest.mark.parametrize("name", list(_convnet_factories()))
+def test_slim_convnet_exports_validates_and_loads_with_ort_model(tmp_path, name):
+    dense, slim = _slim_convnet(_convnet_factories()[name])
+    assert count_parameters(slim) < count_parameters(dense)
+    assert resolve_task(slim) == "image-classification"
+    directory = export_onnx(slim, tmp_path / "onnx")  # validate=True: ONNX Runtime vs PyTorch within atol=1e-4
+    assert sorted(path.name for path in directory.iterdir()) == ["config.json", "model.onnx"]
+    ort_model = optimum_ort.ORTModelForImageClassification.from_pretrained(directory)
+    size = getattr(slim.config, "image_size", None) or 224
+    pixels = torch.randn(3, slim.config.num_channels, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = slim(pixel_values=pixels).logits
+    torch.testing.assert_close(torch.as_tensor(ort_model(pixel_values=pixels).logits), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cifar_convnet_is_registered_with_optimum():
+    from optimum.exporters.tasks import TasksManager
+
+    from hf_oto.onnx import register_onnx_configs
+
+    register_onnx_configs()
+    register_onnx_configs()  # idempotent
+    tasks = TasksManager.get_supported_tasks_for_model_type(
+        "hf-oto-cifar-convnet", "onnx", library_name="transformers"
+    )
+    assert list(tasks) == ["image-classification"]
+    _, slim = _slim_convnet(_convnet_factories()["cifar-vgg"])
+    with pytest.raises(ValueError, match="not supported by Optimum's ONNX exporter"):
+        resolve_task(slim, "feature-extraction")
+
+
+def test_cifar_convnet_export_refuses_options_it_cannot_honour(tmp_path):
+    _, slim = _slim_convnet(_convnet_factories()["cifar-vgg"])
+    with pytest.raises(ValueError, match="optimize='O2' is not available .* Drop `optimize`"):
+        export_onnx(slim, tmp_path / "onnx", optimize="O2")
+    with pytest.raises(ValueError, match=r"Export options \['slim'\] are not supported"):
+        export_onnx(slim, tmp_path / "onnx", slim=True)
+    assert not (tmp_path / "onnx").exists()  # nothing left behind by a refused export
+
+
+def test_convnet_validation_compares_the_outputs(tmp_path):
+    import copy
+
+    from hf_oto.onnx import check_onnx_outputs
+
+    _, slim = _slim_convnet(_convnet_factories()["cifar-resnet-basic"])
+    directory = export_onnx(slim, tmp_path / "onnx", validate=False)
+    assert max(check_onnx_outputs(slim, directory).values()) <= 1e-4
+    changed = copy.deepcopy(slim)
+    with torch.no_grad():
+        changed.convnet.classifier.bias.add_(1e-2)  # another model than the exported one
+    with pytest.raises(ValueError, match="differs from the PyTorch model"):
+        check_onnx_outputs(changed, directory)
+
+
+def test_benchmark_speedup_of_a_slim_convnet(tmp_path):
+    from hf_oto.modeling import save_pruned_model
+
+    dense, slim = _slim_convnet(_convnet_factories()["cifar-vgg"])
+    result = benchmark_speedup(dense, slim, batch_size=8, warmup=1, repeats=2, num_threads=1, progress=False)
+    assert result.dense.samples == result.slim.samples == 2 and result.speedup > 0
+    assert result.dense_flops == count_flops(dense, batch_size=8) and result.flops_ratio > 1
+    # the CLI on saved folders: hf_oto's own architecture is found by its class name
+    dense.save_pretrained(tmp_path / "dense")
+    save_pruned_model(slim, tmp_path / "slim")
+    from hf_oto import cli
+
+    assert cli.main(["export", str(tmp_path / "slim"), str(tmp_path / "slim" / "onnx")]) == 0
+    ort_model = optimum_ort.ORTModelForImageClassification.from_pretrained(tmp_path / "slim" / "onnx")
+    pixels = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = slim(pixel_values=pixels).logits
+    torch.testing.assert_close(torch.as_tensor(ort_model(pixel_values=pixels).logits), expected, atol=1e-4, rtol=1e-4)
+    argv = ["benchmark", str(tmp_path / "dense"), str(tmp_path / "slim"), "--batch_size", "2", "--repeats", "2"]
+    assert cli.main([*argv, "--warmup", "0", "--threads", "1", "--no_progress"]) == 0

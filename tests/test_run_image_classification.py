@@ -213,3 +213,101 @@ def test_folders_of_an_earlier_run_are_refused_before_any_work(tmp_path):
     (output / "_hf_oto_run.lock").write_text(json.dumps(holder))
     with pytest.raises(RuntimeError, match=rf"in use by the run with pid {os.getppid()}"):
         script.main(argv)
+
+
+def onnx_argv(tmp_path: Path) -> list[str]:
+    data = write_idx_folder(tmp_path / "idx")
+    return [
+        "--model_name_or_path", str(write_tiny_convnet(tmp_path / "model")), "--idx_dir", str(data),
+        "--output_dir", str(tmp_path / "out"), "--do_train", "--do_eval", "--oto_variant", "adamw",
+        "--oto_mode", "paper", "--oto_lambda", "50", "--oto_init_steps", "2", "--oto_max_group_sparsity", "0.5",
+        "--export_onnx", *COMMON_ARGS,
+    ]  # fmt: skip
+
+
+def test_script_exports_the_slim_convnet_to_onnx_and_measures_its_speedup(tmp_path):
+    pytest.importorskip("optimum.exporters.onnx")
+    ort = pytest.importorskip("optimum.onnxruntime")
+    script = load_script()
+    argv = [*onnx_argv(tmp_path), "--benchmark_speedup", "--benchmark_batch_size", "2", "--benchmark_repeats", "2"]
+    results = script.main(argv)
+    output = tmp_path / "out"
+    saved = json.loads((output / "all_results.json").read_text())
+    assert saved["onnx_dir"] == "pruned/onnx" and "onnx_export_error" not in saved
+    assert saved["onnx_speedup"] > 0 and saved["onnx_benchmark_image_size"] == [16, 16]
+    assert saved["onnx_flops_ratio"] == pytest.approx(1 / results["flops_ratio"], rel=1e-6)
+    onnx_dir = output / "pruned" / "onnx"
+    assert {"model.onnx", "config.json", "preprocessor_config.json"} <= {path.name for path in onnx_dir.iterdir()}
+    assert "### The ONNX export" in (output / "pruned" / "README.md").read_text()
+
+    # The export runs with Optimum and ONNX Runtime (hf_oto imported for the config and image processor classes).
+    slim = load_pruned_model(output / "pruned", AutoModelForImageClassification)
+    ort_model = ort.ORTModelForImageClassification.from_pretrained(onnx_dir)
+    pixels = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        expected = slim(pixel_values=pixels).logits
+    torch.testing.assert_close(torch.as_tensor(ort_model(pixel_values=pixels).logits), expected, atol=1e-4, rtol=1e-4)
+    processor = AutoImageProcessor.from_pretrained(onnx_dir)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 12), dtype=np.uint8), mode="L")
+    scores = pipeline("image-classification", model=ort_model, image_processor=processor)(image, top_k=None)
+    with torch.no_grad():
+        probabilities = slim(**processor(image, return_tensors="pt")).logits.softmax(-1)[0]
+    assert {p["label"]: round(p["score"], 4) for p in scores} == {
+        label: round(float(probabilities[index]), 4) for label, index in slim.config.label2id.items()
+    }
+
+
+def test_failed_onnx_export_keeps_the_results_and_the_slim_model_and_exits_with_status_1(tmp_path, monkeypatch):
+    """The export fails half-way (a partial file written): the command exits with status 1 and a message saying
+    where everything is, `all_results.json` holds the metrics and the error, the slim folder is whole, without `onnx/`."""
+    import runpy
+
+    pytest.importorskip("optimum.exporters.onnx")
+    from hf_oto import onnx as hf_oto_onnx
+
+    def fail_half_way(model, directory, *args, **kwargs):
+        (directory / "model.onnx").write_bytes(b"half an ONNX file")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(hf_oto_onnx, "_export_hf_oto_model", fail_half_way)
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *onnx_argv(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    message = str(exit_info.value.code)
+    output = tmp_path / "out"
+    assert message.startswith("ERROR: The ONNX export of the slim CifarConvNetForImageClassification")
+    assert "RuntimeError: exporter crashed" in message and str(output / "all_results.json") in message
+    assert f"hf-oto export {output / 'pruned'} {output / 'pruned' / 'onnx'}" in message
+
+    saved = json.loads((output / "all_results.json").read_text())
+    assert saved["onnx_export_error"] == "RuntimeError: exporter crashed" and "onnx_dir" not in saved
+    assert 0.0 <= saved["eval_accuracy"] <= 1.0 and saved["flops_ratio"] < 1.0
+    assert saved["pruned_model_dir"] == "pruned"
+    assert sorted(path.name for path in output.iterdir() if not path.name.startswith("checkpoint-")) == [
+        "all_results.json", "eval_results.json", "pruned", "train_results.json", "trainer_state.json",
+    ]  # fmt: skip
+    pruned = output / "pruned"
+    assert not (pruned / "onnx").exists()
+    slim = load_pruned_model(pruned, AutoModelForImageClassification)
+    assert slim.config.oto_layout["channels"] == saved["channels_after"]
+    assert "### The ONNX export" not in (pruned / "README.md").read_text()
+
+
+def test_failed_speedup_benchmark_keeps_the_export(tmp_path, monkeypatch):
+    pytest.importorskip("optimum.exporters.onnx")
+    from hf_oto import onnx as hf_oto_onnx
+
+    def fail(*args, **kwargs):
+        raise ValueError("no time to measure")
+
+    monkeypatch.setattr(hf_oto_onnx, "benchmark_speedup", fail)
+    script = load_script()
+    with pytest.raises(hf_oto_onnx.OnnxExportError, match="speedup benchmark .* failed") as error:
+        script.main([*onnx_argv(tmp_path), "--benchmark_speedup", "--benchmark_repeats", "2"])
+    assert error.value.stage == "benchmark" and "hf-oto benchmark" in str(error.value)
+    output = tmp_path / "out"
+    saved = json.loads((output / "all_results.json").read_text())
+    assert saved["onnx_benchmark_error"] == "ValueError: no time to measure" and saved["onnx_dir"] == "pruned/onnx"
+    assert "onnx_speedup" not in saved and "eval_accuracy" in saved
+    assert (output / "pruned" / "onnx" / "model.onnx").is_file()
+    assert "### The ONNX export" in (output / "pruned" / "README.md").read_text()
