@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .flops import clamp_flops_seq_length, count_flops, count_parameters
 from .zig.build import SUPPORTED_FAMILIES, has_transformer_layout
-from .zig.conv import ChannelAdapter, channel_families, get_channel_adapter
+from .zig.conv import DEPTHWISE_MARK, ChannelAdapter, channel_families, get_channel_adapter, is_depthwise
 from .zig.groups import ZIGFamily, ZIGMember, ZIGSet
 from .zig.transformers import _join, attention_geometry, base_model_prefix, get_layout, transformer_families
 
@@ -205,10 +205,11 @@ def _sync_shape_attributes(module: nn.Module, adapter: ChannelAdapter | None) ->
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = weight.shape
     elif role == "conv" or (role is None and isinstance(module, nn.Conv2d)):
-        depthwise = module.groups > 1 and weight.shape[1] == 1 and module.groups == module.in_channels
+        depthwise = is_depthwise(module)
         module.out_channels = weight.shape[0]
         if depthwise:
             module.groups = module.in_channels = weight.shape[0]
+            setattr(module, DEPTHWISE_MARK, True)  # with one channel left, groups == 1 no longer says it
         else:
             module.in_channels = weight.shape[1] * module.groups
     elif role == "norm" or (role is None and isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d))):

@@ -174,8 +174,10 @@ def test_channels_that_could_leak_a_zero_group_are_kept_dense_with_a_reason():
 
     families, dense = channel_families(SqueezeExciteNet())
     assert {family.name for family in families} == {"squeeze.channels", "last.0.channels"}
-    assert "sigmoid" in dense["conv.0.channels"]
-    assert "sigmoid" in dense["excite.channels"]
+    # The sigmoid gate multiplies conv.0's channels: excite's channels join that family (a zero channel times the
+    # gate is zero), which the grouped convolution reading the product keeps dense.
+    assert "grouped convolution" in dense["conv.0.channels"]
+    assert "excite.channels" not in dense
     assert "no affine weight" in dense["plain.0.channels"]
     assert any("grouped convolution" in reason for reason in dense.values())
     _, dense = channel_families(FeatureExtractor())
