@@ -24,6 +24,10 @@ from .tiny_convnets import (
     logits,
     randomize_batch_norms,
     tiny_cifar_resnet,
+    tiny_hf_convnext,
+    tiny_hf_efficientnet,
+    tiny_hf_mobilenet,
+    tiny_hf_regnet,
     tiny_hf_resnet,
     tiny_vgg,
 )
@@ -379,3 +383,129 @@ def test_channels_last_convnet_trains_with_hspg_and_prunes_exactly(variant):
         reference = logits(model, pixels)
         slim, _ = prune_zero_groups(model, zigs)
         assert (logits(slim, pixels) - reference).abs().max() < TOLERANCE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every transformers vision CNN (tiny configs, no hub)
+# ----------------------------------------------------------------------------------------------------------------
+def test_channel_discovery_does_not_use_transformers_fx():
+    """transformers.utils.fx is gone in transformers 5: tracing is plain torch.fx."""
+    import inspect
+
+    source = inspect.getsource(conv)
+    assert "from transformers.utils.fx" not in source and "from transformers.utils import fx" not in source
+    assert "HFTracer" not in source
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [tiny_hf_regnet, tiny_hf_efficientnet, tiny_hf_convnext, tiny_hf_mobilenet, lambda: tiny_hf_mobilenet(2)],
+    ids=["regnet", "efficientnet", "convnext", "mobilenet-v1", "mobilenet-v2"],
+)
+@pytest.mark.parametrize("pattern", ["random-half", "all-but-one"])
+def test_transformers_cnns_save_and_reload_after_pruning(tmp_path, factory, pattern):
+    """Pruned to one channel per family, a depthwise conv has `groups == 1`: the slim model still traces to the
+    families of the dense one, so its layout reloads."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(factory()).eval()
+    zigs = build_zigs(model)
+    zigs.set_zero(_zero_mask(zigs, pattern, seed=3))
+    slim, _ = prune_zero_groups(model, zigs)
+    assert current_layout(slim) == slim.config.oto_layout
+    save_pruned_model(slim, tmp_path / "slim")
+    reloaded = load_pruned_model(tmp_path / "slim", AutoModelForImageClassification)
+    pixels = images(model)
+    with torch.no_grad():
+        assert torch.equal(logits(reloaded, pixels), logits(slim, pixels))
+
+
+def test_convnext_prunes_its_channels_last_mlps_and_keeps_layer_normed_channels_dense():
+    families, dense = channel_families(tiny_hf_convnext())
+    assert [family.name for family in families] == [
+        "convnext.encoder.stages.0.layers.0.pwconv1.channels",
+        "convnext.encoder.stages.1.layers.0.pwconv1.channels",
+        "convnext.encoder.stages.1.layers.1.pwconv1.channels",
+    ]
+    mlp = families[0]
+    assert [(m.param_name, m.dim) for m in mlp.members] == [
+        ("convnext.encoder.stages.0.layers.0.pwconv1.weight", 0),
+        ("convnext.encoder.stages.0.layers.0.pwconv1.bias", 0),
+    ]
+    assert [(d.param_name, d.dim) for d in mlp.dependents] == [
+        ("convnext.encoder.stages.0.layers.0.pwconv2.weight", 1)
+    ]
+    # LayerNorm normalises over the channels: a zero channel changes the mean and variance of the others.
+    assert "layer_norm" in dense["convnext.embeddings.patch_embeddings.channels"]
+    assert "layer_norm" in dense["convnext.encoder.stages.1.downsampling_layer.1.channels"]
+
+
+def test_convnext_v2_global_response_norm_keeps_every_channel_dense():
+    """GRN divides by the mean over channels of the spatial norms: a zero channel changes it, so the MLP channels
+    of ConvNeXt-V2 are not zero-invariant, and with LayerNorms everywhere else nothing is prunable."""
+    model = tiny_hf_convnext(version=2)
+    families, dense = channel_families(model)
+    assert families == []
+    assert "linalg_vector_norm" in dense["convnextv2.encoder.stages.0.layers.0.pwconv1.channels"]
+    with pytest.raises(ValueError, match="no prunable channel group.*linalg_vector_norm"):
+        build_zigs(model)
+
+
+def test_squeeze_excite_gates_join_the_family_they_gate():
+    zigs = build_zigs(tiny_hf_efficientnet())
+    expanded = zigs.family("efficientnet.encoder.blocks.1.expansion.expand_conv.channels")
+    members = {m.param_name for m in expanded.members}
+    prefix = "efficientnet.encoder.blocks.1"
+    # the depthwise conv and its norm, and the rows of the gate's expand conv (sigmoid(0) = 0.5, times zero = 0)
+    assert {
+        f"{prefix}.depthwise_conv.depthwise_conv.weight",
+        f"{prefix}.depthwise_conv.depthwise_norm.weight",
+        f"{prefix}.squeeze_excite.expand.weight",
+        f"{prefix}.squeeze_excite.expand.bias",
+    } <= members
+    readers = {d.param_name for d in expanded.dependents}
+    assert {f"{prefix}.squeeze_excite.reduce.weight", f"{prefix}.projection.project_conv.weight"} <= readers
+    assert zigs.family(f"{prefix}.squeeze_excite.reduce.channels").num_groups == 2
+
+
+def test_grouped_convolutions_of_regnet_are_kept_dense():
+    families, dense = channel_families(tiny_hf_regnet())
+    assert "grouped convolution" in dense["regnet.encoder.stages.0.layers.0.layer.0.convolution.channels"]
+    assert "regnet.encoder.stages.0.layers.0.layer.3.convolution.channels" in {f.name for f in families}
+
+
+class _GateReadByConv(nn.Module):
+    """A sigmoid output read by a convolution: a zeroed channel reads 0.5 there, so it must stay dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(3, 6, 3, padding=1)
+        self.second = nn.Conv2d(6, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.second(torch.sigmoid(self.first(x)))).mean((2, 3)))
+
+
+def test_a_layer_reading_a_sigmoid_keeps_its_channels_dense():
+    families, dense = channel_families(_GateReadByConv())
+    assert [family.name for family in families] == ["second.channels"]
+    assert "does not make zero" in dense["first.channels"]
+
+
+class _ShapeDependentPadding(nn.Module):
+    """Python control flow on shapes (TensorFlow "SAME" padding): traced with the example inputs' shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.norm = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2 == 0:
+            x = nn.functional.pad(x, (0, 1, 0, 1))
+        return self.head(torch.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+def test_shape_dependent_control_flow_traces():
+    assert [family.name for family in build_zigs(_ShapeDependentPadding()).families] == ["conv.channels"]
