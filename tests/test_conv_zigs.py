@@ -509,3 +509,149 @@ class _ShapeDependentPadding(nn.Module):
 
 def test_shape_dependent_control_flow_traces():
     assert [family.name for family in build_zigs(_ShapeDependentPadding()).families] == ["conv.channels"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timm layers: local stand-ins named and structured like timm's (timm itself is not installed on the project's
+# machines); their `__module__` is timm's, so the adapters hf_oto registers by qualified name apply to them.
+# ----------------------------------------------------------------------------------------------------------------
+class Conv2dSame(nn.Conv2d):
+    """timm.layers.conv2d_same.Conv2dSame: TensorFlow "SAME" padding computed from the input size in forward."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, 1, groups, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, kernel, stride in zip(reversed(x.size()[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((-(size // -stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        x = nn.functional.pad(x, pads)
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.norm_act.BatchNormAct2d: `F.batch_norm` on its own attributes, then `drop` and `act`."""
+
+    def __init__(self, num_features: int, act_layer: type = nn.SiLU, apply_act: bool = True):
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = act_layer() if apply_act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        x = nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+        )
+        return self.act(self.drop(x))
+
+
+class SqueezeExcite(nn.Module):
+    """timm.models._efficientnet_blocks.SqueezeExcite: mean, reduce, act, expand, sigmoid gate."""
+
+    def __init__(self, channels: int, reduced: int):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv_expand = nn.Conv2d(reduced, channels, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_se = self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True))))
+        return x * self.gate(x_se)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm.layers.norm.LayerNorm2d: a LayerNorm over the channels of an NCHW tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+Conv2dSame.__module__ = "timm.layers.conv2d_same"
+BatchNormAct2d.__module__ = "timm.layers.norm_act"
+SqueezeExcite.__module__ = "timm.models._efficientnet_blocks"
+LayerNorm2d.__module__ = "timm.layers.norm"
+
+
+class TimmStyleNet(nn.Module):
+    """An EfficientNet-style block and a ConvNeXt-style norm built from the timm stand-ins."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), BatchNormAct2d(8))
+        self.block = nn.Sequential(
+            Conv2dSame(8, 8, 3, groups=8),  # depthwise
+            BatchNormAct2d(8),
+            SqueezeExcite(8, 3),
+            nn.Conv2d(8, 8, 1, bias=False),
+            BatchNormAct2d(8, apply_act=False),
+        )
+        self.widen = nn.Sequential(nn.Conv2d(8, 12, 1), BatchNormAct2d(12, act_layer=nn.ReLU))
+        self.normed = nn.Sequential(nn.Conv2d(12, 10, 3, padding=1), LayerNorm2d(10))
+        self.last = nn.Sequential(nn.Conv2d(10, 6, 1), BatchNormAct2d(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.stem(x)
+        hidden = hidden + self.block(hidden)
+        hidden = self.last(self.normed(self.widen(hidden)))
+        return self.head(hidden.mean((2, 3)))
+
+
+def _randomize_timm_style(model: nn.Module) -> nn.Module:
+    randomize_batch_norms(model)  # the stand-ins are nn.BatchNorm2d subclasses
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, LayerNorm2d):
+            module.weight.data.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
+            module.bias.data.copy_(torch.rand(module.bias.shape, generator=generator) - 0.5)
+    return model
+
+
+def test_timm_adapters_are_registered_by_qualified_name():
+    assert conv.get_channel_adapter(Conv2dSame(3, 4, 3)).role == "conv"
+    assert conv.get_channel_adapter(BatchNormAct2d(4)).role == "norm"
+    assert conv.get_channel_adapter(SqueezeExcite(4, 2)) is None  # traced through: its gate is a sigmoid product
+    assert conv.get_channel_adapter(LayerNorm2d(4)) is None  # traced through: `layer_norm` keeps channels dense
+
+
+def test_timm_style_layers_give_exact_families():
+    model = TimmStyleNet()
+    families, dense = channel_families(model)
+    by_name = {family.name: family for family in families}
+    assert set(by_name) == {"stem.0.channels", "block.2.conv_reduce.channels", "widen.0.channels", "last.0.channels"}
+    stem = by_name["stem.0.channels"]
+    members = {m.param_name for m in stem.members}
+    # the depthwise Conv2dSame, both BatchNormAct2d, the gate's expand rows and the residual branch's projection
+    assert {"stem.1.weight", "block.0.weight", "block.1.weight", "block.2.conv_expand.weight"} <= members
+    assert {"block.3.weight", "block.4.weight"} <= members
+    assert set(stem.meta["buffers"]) >= {"stem.1.running_mean", "block.1.running_var", "block.4.running_mean"}
+    assert "layer_norm" in dense["normed.0.channels"]
+
+
+@pytest.mark.parametrize("pattern", ["random-half", "whole-families", "all-but-one"])
+def test_timm_style_layers_prune_exactly(pattern):
+    torch.manual_seed(0)
+    model = _randomize_timm_style(TimmStyleNet()).eval()
+    zigs = build_zigs(model)
+    zigs.set_zero(_zero_mask(zigs, pattern))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(pixels)
+        slim, report = prune_zero_groups(model, zigs, inplace=False)
+        assert (slim(pixels) - reference).abs().max().item() <= TOLERANCE
+    _assert_sizes_match_weights(slim)
+    assert report.params_after < report.params_before
+    assert slim.block[0].groups == slim.block[0].in_channels == slim.block[0].out_channels
+
+
+def test_without_its_adapter_a_timm_batch_norm_act_keeps_its_channels_dense(monkeypatch):
+    """Traced into, BatchNormAct2d is `F.batch_norm` on attributes: not attributable to channels, so dense."""
+    monkeypatch.delitem(conv._CHANNEL_ADAPTERS, "timm.layers.norm_act.BatchNormAct2d")
+    families, dense = channel_families(TimmStyleNet())
+    assert "batch_norm" in dense["stem.0.channels"]
+    assert "last.0.channels" not in {family.name for family in families}
