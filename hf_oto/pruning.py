@@ -246,19 +246,26 @@ def _slice_families(model: nn.Module, plan: Sequence[tuple[ZIGFamily, torch.Tens
         if family.kind == "heads":
             head_updates.append((family, int(kept.numel())))
     touched: dict[str, nn.Module] = {}
+    channels_before: dict[str, int] = {}
     for (name, dim), mask in keep.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         tensor = getattr(module, attr)
+        channels_before.setdefault(module_name, tensor.shape[dim])
         sliced = tensor.data.index_select(dim, mask.nonzero().flatten().to(tensor.device)).clone()
         if isinstance(tensor, nn.Parameter):
             setattr(module, attr, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
         else:
             setattr(module, attr, sliced)
         touched[module_name] = module
-    for module in touched.values():
+    for module_name, module in touched.items():
+        adapter = get_channel_adapter(module)
         if getattr(module, "weight", None) is not None:
-            _sync_shape_attributes(module, get_channel_adapter(module))
+            _sync_shape_attributes(module, adapter)
+        if adapter is not None and adapter.stand_in is not None:
+            # e.g. a global response norm that must keep dividing by the dense channel count
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, adapter.stand_in(module, channels_before[module_name]))
     for family, kept_groups in head_updates:
         _update_attention(model, family, kept_groups)
 

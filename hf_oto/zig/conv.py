@@ -56,7 +56,7 @@ logger = logging.get_logger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 # Adapters: the extension point for module types the tracer must not (or cannot) trace into
 # ----------------------------------------------------------------------------------------------------------------
-ADAPTER_ROLES = ("conv", "norm", "elementwise", "opaque")
+ADAPTER_ROLES = ("conv", "norm", "elementwise", "response_norm", "opaque")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,11 @@ class ChannelAdapter:
               running-statistics `buffers` and the `size_attrs` that hold the channel count), possibly fused with an
               activation, e.g. timm's `BatchNormAct2d`;
             - `"elementwise"`: keeps every channel where it is and maps zero to zero (an activation module);
+            - `"response_norm"`: a global response norm on channels-last inputs (ConvNeXt-V2's `GRN`:
+              `weight * x * N + bias + x` with `N = G / (mean over channels of G + eps)`, `G` the spatial L2 norm
+              of each channel). A zero channel with a zero `bias` stays zero, and its `G = 0` adds nothing to the
+              mean's sum but counts in its divisor, so `stand_in` replaces the pruned module by one that divides by
+              the original channel count;
             - `"opaque"`: anything else; channels flowing in and out of it are kept dense.
         zero_preserving (`Callable[[nn.Module], bool]`, *optional*):
             For `"norm"` and `"elementwise"`: whether this module instance maps an all-zero channel (with zero
@@ -80,6 +85,10 @@ class ChannelAdapter:
             For `"norm"`: per-channel buffers sliced with the channels (missing ones are skipped).
         size_attrs (`tuple[str, ...]`, *optional*, defaults to `("num_features",)`):
             For `"norm"`: attributes set to the new channel count after pruning.
+        stand_in (`Callable[[nn.Module, int], nn.Module]`, *optional*):
+            Called as `stand_in(module, channels_before)` after the module's channels were sliced; the module is
+            replaced by what it returns (the same parameter names, so checkpoints load). Reloading a pruned model
+            slices and replaces again.
 
     Example:
 
@@ -99,6 +108,7 @@ class ChannelAdapter:
     zero_preserving: Callable[[nn.Module], bool] | None = None
     buffers: tuple[str, ...] = ("running_mean", "running_var")
     size_attrs: tuple[str, ...] = ("num_features",)
+    stand_in: Callable[[nn.Module, int], nn.Module] | None = None
 
     def __post_init__(self):
         if self.role not in ADAPTER_ROLES:
@@ -121,7 +131,65 @@ def _activation_preserves_zero(module: nn.Module) -> bool:
     return True
 
 
+class PrunedGlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's global response norm after pruning: the mean over channels divides by the channel count of the
+    dense model, where the pruned channels were zero (`G = 0`), so the outputs are those of the group-sparse model.
+
+    Args:
+        grn (`nn.Module`): The sliced GRN (its `weight` and `bias`, `[1, 1, 1, channels]`, are taken over).
+        mean_channels (`int`): The channel count of the dense model.
+        eps (`float`, *optional*, defaults to 1e-6): transformers' `ConvNextV2GRN` epsilon.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers.models.convnextv2.modeling_convnextv2 import ConvNextV2GRN
+    >>> from hf_oto.zig.conv import PrunedGlobalResponseNorm
+
+    >>> grn = ConvNextV2GRN(4)
+    >>> _ = grn.weight.data.normal_()
+    >>> x = torch.randn(1, 2, 2, 4)
+    >>> x[..., 3] = 0  # channel 3 is zero: prune it
+    >>> kept = ConvNextV2GRN(3)
+    >>> kept.weight.data = grn.weight.data[..., :3]
+    >>> slim = PrunedGlobalResponseNorm(kept, mean_channels=4)
+    >>> torch.allclose(slim(x[..., :3]), grn(x)[..., :3])
+    True
+    >>> torch.allclose(kept(x[..., :3]), grn(x)[..., :3])  # the plain module divides by 3, not 4
+    False
+    ```
+    """
+
+    def __init__(self, grn: nn.Module, mean_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = grn.weight
+        self.bias = grn.bias
+        self.mean_channels = int(mean_channels)
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        global_features = torch.linalg.vector_norm(hidden_states, ord=2, dim=(1, 2), keepdim=True)
+        mean = global_features.sum(dim=-1, keepdim=True) / self.mean_channels
+        norm_features = global_features / (mean + self.eps)
+        return self.weight * (hidden_states * norm_features) + self.bias + hidden_states
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[-1]}, mean_channels={self.mean_channels}"
+
+
+def _pruned_response_norm(module: nn.Module, channels_before: int) -> nn.Module:
+    if isinstance(module, PrunedGlobalResponseNorm):
+        return module  # pruned again: it already divides by the dense count
+    return PrunedGlobalResponseNorm(module, channels_before)
+
+
 _CHANNEL_ADAPTERS: dict[type | str, ChannelAdapter] = {
+    # ConvNeXt-V2's global response norm: exact on pruned channels once the mean keeps the dense divisor.
+    "transformers.models.convnextv2.modeling_convnextv2.ConvNextV2GRN": ChannelAdapter(
+        "response_norm", stand_in=_pruned_response_norm
+    ),
+    PrunedGlobalResponseNorm: ChannelAdapter("response_norm", stand_in=_pruned_response_norm),
     # timm's fused BatchNorm + activation (+ drop): traced, it becomes F.batch_norm on attributes plus an in-place
     # counter update, which the tracer cannot attribute to channels.
     "timm.layers.norm_act.BatchNormAct2d": ChannelAdapter("norm", zero_preserving=_activation_preserves_zero),
@@ -675,6 +743,8 @@ class _ChannelGraph:
             self.linear(node, module, path, incoming)
         elif role == "norm" or (role is None and isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d))):
             self.norm(node, module, path, incoming, adapter)
+        elif role == "response_norm":
+            self.response_norm(node, module, path, incoming)
         elif role is None and isinstance(module, nn.Flatten):
             self.reshape(node, inputs[0] if inputs else None)
         elif role is None and isinstance(module, nn.PReLU) and module.num_parameters > 1:
@@ -802,6 +872,19 @@ class _ChannelGraph:
         buffers = adapter.buffers if adapter is not None else ("running_mean", "running_var")
         target.buffers += [f"{path}.{name}" for name in buffers if getattr(module, name, None) is not None]
         self.channels[node] = replace(incoming, zero=True)  # zero weight and bias output zeros, whatever comes in
+
+    def response_norm(self, node: torch.fx.Node, module: nn.Module, path: str, incoming: _Channels | None) -> None:
+        """A global response norm: its bias joins the group (a zero channel then stays zero), its weight is sliced
+        along; the pruned module keeps the dense channel count in its mean (the adapter's stand-in)."""
+        shape = self.shape(node)
+        space = self.whole_space(incoming) if incoming is not None else None
+        if space is None or shape is None or incoming.dim != len(shape) - 1 or not incoming.zero:
+            self.opaque(node, f"global response norm {path!r} off the channels-last channels of one producer")
+            return
+        last = module.weight.dim() - 1
+        self.spaces[space].members.append(ZIGMember(f"{path}.bias", last))
+        self.spaces[space].dependents.append(ZIGMember(f"{path}.weight", last))
+        self.channels[node] = incoming
 
     def prelu(self, node: torch.fx.Node, module: nn.PReLU, path: str, incoming: _Channels | None) -> None:
         incoming = self.channels_first(incoming, path)
