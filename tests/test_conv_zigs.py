@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -399,8 +400,9 @@ def test_channel_discovery_does_not_use_transformers_fx():
 
 @pytest.mark.parametrize(
     "factory",
-    [tiny_hf_regnet, tiny_hf_efficientnet, tiny_hf_convnext, tiny_hf_mobilenet, lambda: tiny_hf_mobilenet(2)],
-    ids=["regnet", "efficientnet", "convnext", "mobilenet-v1", "mobilenet-v2"],
+    [tiny_hf_regnet, tiny_hf_efficientnet, tiny_hf_convnext, lambda: tiny_hf_convnext(2), tiny_hf_mobilenet]
+    + [lambda: tiny_hf_mobilenet(2)],
+    ids=["regnet", "efficientnet", "convnext", "convnext-v2", "mobilenet-v1", "mobilenet-v2"],
 )
 @pytest.mark.parametrize("pattern", ["random-half", "all-but-one"])
 def test_transformers_cnns_save_and_reload_after_pruning(tmp_path, factory, pattern):
@@ -439,15 +441,31 @@ def test_convnext_prunes_its_channels_last_mlps_and_keeps_layer_normed_channels_
     assert "layer_norm" in dense["convnext.encoder.stages.1.downsampling_layer.1.channels"]
 
 
-def test_convnext_v2_global_response_norm_keeps_every_channel_dense():
-    """GRN divides by the mean over channels of the spatial norms: a zero channel changes it, so the MLP channels
-    of ConvNeXt-V2 are not zero-invariant, and with LayerNorms everywhere else nothing is prunable."""
-    model = tiny_hf_convnext(version=2)
-    families, dense = channel_families(model)
-    assert families == []
-    assert "linalg_vector_norm" in dense["convnextv2.encoder.stages.0.layers.0.pwconv1.channels"]
-    with pytest.raises(ValueError, match="no prunable channel group.*linalg_vector_norm"):
-        build_zigs(model)
+def test_convnext_v2_global_response_norm_prunes_exactly_with_its_stand_in(monkeypatch):
+    """GRN divides by the mean over channels of the spatial norms: a zero channel adds nothing to the sum but counts
+    in the divisor. Its bias joins the group, and the pruned GRN keeps the dense divisor (the adapter's stand-in)."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(tiny_hf_convnext(version=2)).eval()
+    zigs = build_zigs(model)
+    mlp = zigs.family("convnextv2.encoder.stages.0.layers.0.pwconv1.channels")
+    prefix = "convnextv2.encoder.stages.0.layers.0"
+    assert (f"{prefix}.grn.bias", 3) in {(m.param_name, m.dim) for m in mlp.members}
+    assert (f"{prefix}.grn.weight", 3) in {(d.param_name, d.dim) for d in mlp.dependents}
+    zigs.set_zero(_zero_mask(zigs, "random-half"))
+    pixels = images(model)
+    with torch.no_grad():
+        reference = logits(model, pixels)
+        slim, _ = prune_zero_groups(model, zigs, inplace=False)
+        assert (logits(slim, pixels) - reference).abs().max().item() <= TOLERANCE
+        grn = slim.get_submodule(f"{prefix}.grn")
+        assert isinstance(grn, conv.PrunedGlobalResponseNorm) and grn.mean_channels == mlp.num_groups
+        # Without the stand-in, the pruned GRN divides by the kept count: not the group-sparse outputs.
+        adapter = conv.get_channel_adapter(model.get_submodule(f"{prefix}.grn"))
+        monkeypatch.setitem(
+            conv._CHANNEL_ADAPTERS, type(model.get_submodule(f"{prefix}.grn")), replace(adapter, stand_in=None)
+        )
+        plain, _ = prune_zero_groups(model, zigs, inplace=False)
+        assert (logits(plain, pixels) - reference).abs().max().item() > 1e-3
 
 
 def test_squeeze_excite_gates_join_the_family_they_gate():

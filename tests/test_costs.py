@@ -55,9 +55,9 @@ def keep_one(zigs, masks):
 @pytest.mark.parametrize(
     "factory",
     [tiny_vgg, tiny_cifar_resnet, tiny_hf_resnet, tiny_hf_regnet, tiny_hf_efficientnet, tiny_hf_convnext]
-    + [tiny_hf_mobilenet, lambda: tiny_hf_mobilenet(2)],
-    ids=["vgg", "cifar-resnet", "hf-resnet", "hf-regnet", "hf-efficientnet", "hf-convnext", "hf-mobilenet-v1"]
-    + ["hf-mobilenet-v2"],
+    + [lambda: tiny_hf_convnext(2), tiny_hf_mobilenet, lambda: tiny_hf_mobilenet(2)],
+    ids=["vgg", "cifar-resnet", "hf-resnet", "hf-regnet", "hf-efficientnet", "hf-convnext", "hf-convnext-v2"]
+    + ["hf-mobilenet-v1", "hf-mobilenet-v2"],
 )
 def test_costs_equal_report_on_conv_nets(factory):
     model = factory().eval()

@@ -167,12 +167,17 @@ def tiny_hf_efficientnet() -> EfficientNetForImageClassification:
 
 
 def tiny_hf_convnext(version: int = 1) -> nn.Module:
-    """ConvNeXt: LayerNorms over channels (kept dense) and channels-last MLPs (prunable in V1; V2's GRN mixes them).
-    Layer scales start at 1 (not 1e-6) so the blocks matter in the outputs."""
+    """ConvNeXt: LayerNorms over channels (kept dense) and prunable channels-last MLPs (with a global response norm
+    in V2). Layer scales start at 1 (not 1e-6) and GRN weights and biases are random (not 0), so they matter."""
     kwargs = {"num_stages": 2, "hidden_sizes": [8, 16], "depths": [1, 2], "image_size": 32, "num_labels": 3}
     if version == 1:
         return ConvNextForImageClassification(ConvNextConfig(layer_scale_init_value=1.0, **kwargs))
-    return ConvNextV2ForImageClassification(ConvNextV2Config(**kwargs))
+    model = ConvNextV2ForImageClassification(ConvNextV2Config(**kwargs))
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if ".grn." in name:
+            parameter.data.copy_(torch.randn(parameter.shape, generator=generator))
+    return model
 
 
 def tiny_hf_mobilenet(version: int = 1) -> nn.Module:
@@ -197,6 +202,7 @@ TINY_CONVNET_FACTORIES = {
     "hf-regnet": tiny_hf_regnet,
     "hf-efficientnet": tiny_hf_efficientnet,
     "hf-convnext": tiny_hf_convnext,
+    "hf-convnext-v2": lambda: tiny_hf_convnext(2),
     "hf-mobilenet-v1": tiny_hf_mobilenet,
     "hf-mobilenet-v2": lambda: tiny_hf_mobilenet(2),
     "concat": ConcatNet,
