@@ -694,16 +694,20 @@ class _ChannelGraph:
     def input_nodes(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         return [arg for arg in node.all_input_nodes if arg in self.channels]
 
-    def fresh(self, node: torch.fx.Node, reason: str) -> None:
+    def fresh(self, node: torch.fx.Node, reason: str, dim: int = 1) -> None:
+        """New dense channels for `node` (along `dim`: an opaque step keeps its input's channel dimension)."""
         shape = self.shape(node)
-        if shape is not None and len(shape) >= 2:
-            self.channels[node] = self.new_space(shape[1], node.name, fixed=reason)
+        if shape is not None and len(shape) > max(dim, 1):
+            self.channels[node] = replace(self.new_space(shape[dim], node.name, fixed=reason), dim=dim)
 
     def opaque(self, node: torch.fx.Node, what: str) -> None:
         reason = f"{what} is not known to keep a zero channel zero"
-        for arg in self.input_nodes(node):
+        inputs = self.input_nodes(node)
+        for arg in inputs:
             self.fix(self.channels[arg], reason)
-        self.fresh(node, reason)
+        shape, before = self.shape(node), self.shape(inputs[0]) if inputs else None
+        dim = self.channels[inputs[0]].dim if inputs else 1
+        self.fresh(node, reason, dim if shape is not None and before is not None and len(shape) == len(before) else 1)
 
     def whole_space(self, channels: _Channels) -> int | None:
         """The space index when `channels` is exactly one producer's channels, in order, one column each."""
