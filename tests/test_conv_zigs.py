@@ -459,6 +459,13 @@ def test_convnext_v2_global_response_norm_prunes_exactly_with_its_stand_in(monke
         assert (logits(slim, pixels) - reference).abs().max().item() <= TOLERANCE
         grn = slim.get_submodule(f"{prefix}.grn")
         assert isinstance(grn, conv.PrunedGlobalResponseNorm) and grn.mean_channels == mlp.num_groups
+        # A second round keeps the dense divisor.
+        again = build_zigs(slim)
+        again.set_zero(_zero_mask(again, "all-but-one"))
+        reference_again = logits(slim, pixels)
+        slimmer, _ = prune_zero_groups(slim, again, inplace=False)
+        assert (logits(slimmer, pixels) - reference_again).abs().max().item() <= TOLERANCE
+        assert slimmer.get_submodule(f"{prefix}.grn").mean_channels == mlp.num_groups
         # Without the stand-in, the pruned GRN divides by the kept count: not the group-sparse outputs.
         adapter = conv.get_channel_adapter(model.get_submodule(f"{prefix}.grn"))
         monkeypatch.setitem(
