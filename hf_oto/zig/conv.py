@@ -425,7 +425,8 @@ class _ShapedProxy(torch.fx.Proxy):
 
 
 def _maybe_revert_patches() -> contextlib.AbstractContextManager:
-    """Undoes torch.fx's patches of `nn.Module.__call__` (and wrapped functions) while running a step for real."""
+    """Undoes torch.fx's patches of `nn.Module.__call__` (and wrapped functions) while running a step for real.
+    Without that (private) helper, the tracer's `_running` guard makes the patched calls run plainly."""
     revert = getattr(torch.fx._symbolic_trace, "_maybe_revert_all_patches", None)
     return revert() if revert is not None else contextlib.nullcontext()
 
@@ -444,6 +445,7 @@ class _ChannelTracer(torch.fx.Tracer):
         super().__init__()
         self.example_inputs = dict(example_inputs)
         self.oto_module_stack: list[tuple[str, type]] = []
+        self._running = False  # running a step on the example values: record nothing
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if get_channel_adapter(m) is not None:
@@ -454,10 +456,17 @@ class _ChannelTracer(torch.fx.Tracer):
         return forward_module.startswith("torch.nn.") or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
+        if self._running:
+            return forward(*args, **kwargs)
         self.oto_module_stack.append((self.path_of_module(m), type(m)))
         result = super().call_module(m, forward, args, kwargs)
         self.oto_module_stack.pop()
         return result
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._running:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _ShapedProxy(node, self)
@@ -477,6 +486,7 @@ class _ChannelTracer(torch.fx.Tracer):
         if kind == "placeholder":
             return self.example_inputs.get(target)
         args, kwargs = _example_values(args), _example_values(kwargs)
+        self._running = True
         try:
             with _maybe_revert_patches(), torch.no_grad():
                 if kind == "get_attr":
@@ -492,6 +502,8 @@ class _ChannelTracer(torch.fx.Tracer):
                     return getattr(args[0], target)(*args[1:], **kwargs)
         except Exception as error:  # noqa: BLE001 - the step fails on the example inputs: say so
             raise ExampleRunError(f"{kind} {target}: {type(error).__name__}: {error}") from error
+        finally:
+            self._running = False
         return None
 
 
