@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .flops import clamp_flops_seq_length, count_flops, count_parameters
 from .zig.build import SUPPORTED_FAMILIES, has_transformer_layout
-from .zig.conv import ChannelAdapter, channel_families, get_channel_adapter
+from .zig.conv import DEPTHWISE_MARK, ChannelAdapter, channel_families, get_channel_adapter, is_depthwise
 from .zig.groups import ZIGFamily, ZIGMember, ZIGSet
 from .zig.transformers import _join, attention_geometry, base_model_prefix, get_layout, transformer_families
 
@@ -205,10 +205,11 @@ def _sync_shape_attributes(module: nn.Module, adapter: ChannelAdapter | None) ->
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = weight.shape
     elif role == "conv" or (role is None and isinstance(module, nn.Conv2d)):
-        depthwise = module.groups > 1 and weight.shape[1] == 1 and module.groups == module.in_channels
+        depthwise = is_depthwise(module)
         module.out_channels = weight.shape[0]
         if depthwise:
             module.groups = module.in_channels = weight.shape[0]
+            setattr(module, DEPTHWISE_MARK, True)  # with one channel left, groups == 1 no longer says it
         else:
             module.in_channels = weight.shape[1] * module.groups
     elif role == "norm" or (role is None and isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d))):
@@ -245,19 +246,26 @@ def _slice_families(model: nn.Module, plan: Sequence[tuple[ZIGFamily, torch.Tens
         if family.kind == "heads":
             head_updates.append((family, int(kept.numel())))
     touched: dict[str, nn.Module] = {}
+    channels_before: dict[str, int] = {}
     for (name, dim), mask in keep.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         tensor = getattr(module, attr)
+        channels_before.setdefault(module_name, tensor.shape[dim])
         sliced = tensor.data.index_select(dim, mask.nonzero().flatten().to(tensor.device)).clone()
         if isinstance(tensor, nn.Parameter):
             setattr(module, attr, nn.Parameter(sliced, requires_grad=tensor.requires_grad))
         else:
             setattr(module, attr, sliced)
         touched[module_name] = module
-    for module in touched.values():
+    for module_name, module in touched.items():
+        adapter = get_channel_adapter(module)
         if getattr(module, "weight", None) is not None:
-            _sync_shape_attributes(module, get_channel_adapter(module))
+            _sync_shape_attributes(module, adapter)
+        if adapter is not None and adapter.stand_in is not None:
+            # e.g. a global response norm that must keep dividing by the dense channel count
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, adapter.stand_in(module, channels_before[module_name]))
     for family, kept_groups in head_updates:
         _update_attention(model, family, kept_groups)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,6 +25,10 @@ from .tiny_convnets import (
     logits,
     randomize_batch_norms,
     tiny_cifar_resnet,
+    tiny_hf_convnext,
+    tiny_hf_efficientnet,
+    tiny_hf_mobilenet,
+    tiny_hf_regnet,
     tiny_hf_resnet,
     tiny_vgg,
 )
@@ -174,8 +179,10 @@ def test_channels_that_could_leak_a_zero_group_are_kept_dense_with_a_reason():
 
     families, dense = channel_families(SqueezeExciteNet())
     assert {family.name for family in families} == {"squeeze.channels", "last.0.channels"}
-    assert "sigmoid" in dense["conv.0.channels"]
-    assert "sigmoid" in dense["excite.channels"]
+    # The sigmoid gate multiplies conv.0's channels: excite's channels join that family (a zero channel times the
+    # gate is zero), which the grouped convolution reading the product keeps dense.
+    assert "grouped convolution" in dense["conv.0.channels"]
+    assert "excite.channels" not in dense
     assert "no affine weight" in dense["plain.0.channels"]
     assert any("grouped convolution" in reason for reason in dense.values())
     _, dense = channel_families(FeatureExtractor())
@@ -377,3 +384,301 @@ def test_channels_last_convnet_trains_with_hspg_and_prunes_exactly(variant):
         reference = logits(model, pixels)
         slim, _ = prune_zero_groups(model, zigs)
         assert (logits(slim, pixels) - reference).abs().max() < TOLERANCE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every transformers vision CNN (tiny configs, no hub)
+# ----------------------------------------------------------------------------------------------------------------
+def test_channel_discovery_does_not_use_transformers_fx(monkeypatch):
+    """transformers.utils.fx is gone in transformers 5: tracing is plain torch.fx."""
+    import inspect
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers.utils.fx", None)  # importing it now raises ImportError
+    assert build_zigs(tiny_hf_mobilenet()).families
+    source = inspect.getsource(conv)
+    assert "from transformers.utils.fx" not in source and "from transformers.utils import fx" not in source
+    assert "HFTracer" not in source
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [tiny_hf_regnet, tiny_hf_efficientnet, tiny_hf_convnext, lambda: tiny_hf_convnext(2), tiny_hf_mobilenet]
+    + [lambda: tiny_hf_mobilenet(2)],
+    ids=["regnet", "efficientnet", "convnext", "convnext-v2", "mobilenet-v1", "mobilenet-v2"],
+)
+def test_transformers_cnns_save_and_reload_after_pruning(tmp_path, factory):
+    """Pruned to one channel per family, a depthwise conv has `groups == 1`: the slim model still traces to the
+    families of the dense one, so its layout reloads."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(factory()).eval()
+    zigs = build_zigs(model)
+    zigs.set_zero(_zero_mask(zigs, "all-but-one", seed=3))
+    slim, _ = prune_zero_groups(model, zigs)
+    assert current_layout(slim) == slim.config.oto_layout
+    save_pruned_model(slim, tmp_path / "slim")
+    reloaded = load_pruned_model(tmp_path / "slim", AutoModelForImageClassification)
+    pixels = images(model)
+    with torch.no_grad():
+        assert torch.equal(logits(reloaded, pixels), logits(slim, pixels))
+
+
+def test_convnext_prunes_its_channels_last_mlps_and_keeps_layer_normed_channels_dense():
+    families, dense = channel_families(tiny_hf_convnext())
+    assert [family.name for family in families] == [
+        "convnext.encoder.stages.0.layers.0.pwconv1.channels",
+        "convnext.encoder.stages.1.layers.0.pwconv1.channels",
+        "convnext.encoder.stages.1.layers.1.pwconv1.channels",
+    ]
+    mlp = families[0]
+    assert [(m.param_name, m.dim) for m in mlp.members] == [
+        ("convnext.encoder.stages.0.layers.0.pwconv1.weight", 0),
+        ("convnext.encoder.stages.0.layers.0.pwconv1.bias", 0),
+    ]
+    assert [(d.param_name, d.dim) for d in mlp.dependents] == [
+        ("convnext.encoder.stages.0.layers.0.pwconv2.weight", 1)
+    ]
+    # LayerNorm normalises over the channels: a zero channel changes the mean and variance of the others.
+    assert "layer_norm" in dense["convnext.embeddings.patch_embeddings.channels"]
+    assert "layer_norm" in dense["convnext.encoder.stages.1.downsampling_layer.1.channels"]
+
+
+def test_convnext_v2_global_response_norm_prunes_exactly_with_its_stand_in(monkeypatch):
+    """GRN divides by the mean over channels of the spatial norms: a zero channel adds nothing to the sum but counts
+    in the divisor. Its bias joins the group, and the pruned GRN keeps the dense divisor (the adapter's stand-in)."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(tiny_hf_convnext(version=2)).eval()
+    zigs = build_zigs(model)
+    mlp = zigs.family("convnextv2.encoder.stages.0.layers.0.pwconv1.channels")
+    prefix = "convnextv2.encoder.stages.0.layers.0"
+    assert (f"{prefix}.grn.bias", 3) in {(m.param_name, m.dim) for m in mlp.members}
+    assert (f"{prefix}.grn.weight", 3) in {(d.param_name, d.dim) for d in mlp.dependents}
+    zigs.set_zero(_zero_mask(zigs, "random-half"))
+    pixels = images(model)
+    with torch.no_grad():
+        reference = logits(model, pixels)
+        slim, _ = prune_zero_groups(model, zigs, inplace=False)
+        assert (logits(slim, pixels) - reference).abs().max().item() <= TOLERANCE
+        grn = slim.get_submodule(f"{prefix}.grn")
+        assert isinstance(grn, conv.PrunedGlobalResponseNorm) and grn.mean_channels == mlp.num_groups
+        # A second round keeps the dense divisor.
+        again = build_zigs(slim)
+        again.set_zero(_zero_mask(again, "all-but-one"))
+        reference_again = logits(slim, pixels)
+        slimmer, _ = prune_zero_groups(slim, again, inplace=False)
+        assert (logits(slimmer, pixels) - reference_again).abs().max().item() <= TOLERANCE
+        assert slimmer.get_submodule(f"{prefix}.grn").mean_channels == mlp.num_groups
+        # Without the stand-in, the pruned GRN divides by the kept count: not the group-sparse outputs.
+        adapter = conv.get_channel_adapter(model.get_submodule(f"{prefix}.grn"))
+        monkeypatch.setitem(
+            conv._CHANNEL_ADAPTERS, type(model.get_submodule(f"{prefix}.grn")), replace(adapter, stand_in=None)
+        )
+        plain, _ = prune_zero_groups(model, zigs, inplace=False)
+        assert (logits(plain, pixels) - reference).abs().max().item() > 1e-3
+
+
+def test_squeeze_excite_gates_join_the_family_they_gate():
+    zigs = build_zigs(tiny_hf_efficientnet())
+    expanded = zigs.family("efficientnet.encoder.blocks.1.expansion.expand_conv.channels")
+    members = {m.param_name for m in expanded.members}
+    prefix = "efficientnet.encoder.blocks.1"
+    # the depthwise conv and its norm, and the rows of the gate's expand conv (sigmoid(0) = 0.5, times zero = 0)
+    assert {
+        f"{prefix}.depthwise_conv.depthwise_conv.weight",
+        f"{prefix}.depthwise_conv.depthwise_norm.weight",
+        f"{prefix}.squeeze_excite.expand.weight",
+        f"{prefix}.squeeze_excite.expand.bias",
+    } <= members
+    readers = {d.param_name for d in expanded.dependents}
+    assert {f"{prefix}.squeeze_excite.reduce.weight", f"{prefix}.projection.project_conv.weight"} <= readers
+    assert zigs.family(f"{prefix}.squeeze_excite.reduce.channels").num_groups == 2
+
+
+def test_grouped_convolutions_of_regnet_are_kept_dense():
+    families, dense = channel_families(tiny_hf_regnet())
+    assert "grouped convolution" in dense["regnet.encoder.stages.0.layers.0.layer.0.convolution.channels"]
+    assert "regnet.encoder.stages.0.layers.0.layer.3.convolution.channels" in {f.name for f in families}
+
+
+class _GateReadByConv(nn.Module):
+    """A sigmoid output read by a convolution: a zeroed channel reads 0.5 there, so it must stay dense."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(3, 6, 3, padding=1)
+        self.second = nn.Conv2d(6, 4, 1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.second(torch.sigmoid(self.first(x)))).mean((2, 3)))
+
+
+def test_a_layer_reading_a_sigmoid_keeps_its_channels_dense():
+    families, dense = channel_families(_GateReadByConv())
+    assert [family.name for family in families] == ["second.channels"]
+    assert "does not make zero" in dense["first.channels"]
+
+
+class _ShapeDependentPadding(nn.Module):
+    """Python control flow on shapes (TensorFlow "SAME" padding): traced with the example inputs' shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.norm = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2 == 0:
+            x = nn.functional.pad(x, (0, 1, 0, 1))
+        return self.head(torch.relu(self.norm(self.conv(x))).mean((2, 3)))
+
+
+def test_shape_dependent_control_flow_traces():
+    assert [family.name for family in build_zigs(_ShapeDependentPadding()).families] == ["conv.channels"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timm layers: local stand-ins named and structured like timm's (timm itself is not installed on the project's
+# machines); their `__module__` is timm's, so the adapters hf_oto registers by qualified name apply to them.
+# ----------------------------------------------------------------------------------------------------------------
+class Conv2dSame(nn.Conv2d):
+    """timm.layers.conv2d_same.Conv2dSame: TensorFlow "SAME" padding computed from the input size in forward."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, 1, groups, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, kernel, stride in zip(reversed(x.size()[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((-(size // -stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        x = nn.functional.pad(x, pads)
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.norm_act.BatchNormAct2d: `F.batch_norm` on its own attributes, then `drop` and `act`."""
+
+    def __init__(self, num_features: int, act_layer: type = nn.SiLU, apply_act: bool = True):
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = act_layer() if apply_act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        x = nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+        )
+        return self.act(self.drop(x))
+
+
+class SqueezeExcite(nn.Module):
+    """timm.models._efficientnet_blocks.SqueezeExcite: mean, reduce, act, expand, sigmoid gate."""
+
+    def __init__(self, channels: int, reduced: int):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv_expand = nn.Conv2d(reduced, channels, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_se = self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True))))
+        return x * self.gate(x_se)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm.layers.norm.LayerNorm2d: a LayerNorm over the channels of an NCHW tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+Conv2dSame.__module__ = "timm.layers.conv2d_same"
+BatchNormAct2d.__module__ = "timm.layers.norm_act"
+SqueezeExcite.__module__ = "timm.models._efficientnet_blocks"
+LayerNorm2d.__module__ = "timm.layers.norm"
+
+
+class TimmStyleNet(nn.Module):
+    """An EfficientNet-style block and a ConvNeXt-style norm built from the timm stand-ins."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), BatchNormAct2d(8))
+        self.block = nn.Sequential(
+            Conv2dSame(8, 8, 3, groups=8),  # depthwise
+            BatchNormAct2d(8),
+            SqueezeExcite(8, 3),
+            nn.Conv2d(8, 8, 1, bias=False),
+            BatchNormAct2d(8, apply_act=False),
+        )
+        self.widen = nn.Sequential(nn.Conv2d(8, 12, 1), BatchNormAct2d(12, act_layer=nn.ReLU))
+        self.normed = nn.Sequential(nn.Conv2d(12, 10, 3, padding=1), LayerNorm2d(10))
+        self.last = nn.Sequential(nn.Conv2d(10, 6, 1), BatchNormAct2d(6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.stem(x)
+        hidden = hidden + self.block(hidden)
+        hidden = self.last(self.normed(self.widen(hidden)))
+        return self.head(hidden.mean((2, 3)))
+
+
+def _randomize_timm_style(model: nn.Module) -> nn.Module:
+    randomize_batch_norms(model)  # the stand-ins are nn.BatchNorm2d subclasses
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, LayerNorm2d):
+            module.weight.data.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
+            module.bias.data.copy_(torch.rand(module.bias.shape, generator=generator) - 0.5)
+    return model
+
+
+def test_timm_adapters_are_registered_by_qualified_name():
+    assert conv.get_channel_adapter(Conv2dSame(3, 4, 3)).role == "conv"
+    assert conv.get_channel_adapter(BatchNormAct2d(4)).role == "norm"
+    assert conv.get_channel_adapter(SqueezeExcite(4, 2)) is None  # traced through: its gate is a sigmoid product
+    assert conv.get_channel_adapter(LayerNorm2d(4)) is None  # traced through: `layer_norm` keeps channels dense
+
+
+def test_timm_style_layers_give_exact_families():
+    model = TimmStyleNet()
+    families, dense = channel_families(model)
+    by_name = {family.name: family for family in families}
+    assert set(by_name) == {"stem.0.channels", "block.2.conv_reduce.channels", "widen.0.channels", "last.0.channels"}
+    stem = by_name["stem.0.channels"]
+    members = {m.param_name for m in stem.members}
+    # the depthwise Conv2dSame, both BatchNormAct2d, the gate's expand rows and the residual branch's projection
+    assert {"stem.1.weight", "block.0.weight", "block.1.weight", "block.2.conv_expand.weight"} <= members
+    assert {"block.3.weight", "block.4.weight"} <= members
+    assert set(stem.meta["buffers"]) >= {"stem.1.running_mean", "block.1.running_var", "block.4.running_mean"}
+    assert "layer_norm" in dense["normed.0.channels"]
+
+
+@pytest.mark.parametrize("pattern", ["random-half", "whole-families", "all-but-one"])
+def test_timm_style_layers_prune_exactly(pattern):
+    torch.manual_seed(0)
+    model = _randomize_timm_style(TimmStyleNet()).eval()
+    zigs = build_zigs(model)
+    zigs.set_zero(_zero_mask(zigs, pattern))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(pixels)
+        slim, report = prune_zero_groups(model, zigs, inplace=False)
+        assert (slim(pixels) - reference).abs().max().item() <= TOLERANCE
+    _assert_sizes_match_weights(slim)
+    assert report.params_after < report.params_before
+    assert slim.block[0].groups == slim.block[0].in_channels == slim.block[0].out_channels
+
+
+def test_without_its_adapter_a_timm_batch_norm_act_keeps_its_channels_dense(monkeypatch):
+    """Traced into, BatchNormAct2d is `F.batch_norm` on attributes: not attributable to channels, so dense."""
+    monkeypatch.delitem(conv._CHANNEL_ADAPTERS, "timm.layers.norm_act.BatchNormAct2d")
+    families, dense = channel_families(TimmStyleNet())
+    assert "batch_norm" in dense["stem.0.channels"]
+    assert "last.0.channels" not in {family.name for family in families}

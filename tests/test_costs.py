@@ -10,7 +10,15 @@ from hf_oto.flops import count_flops, count_parameters
 from hf_oto.pruning import prune_zero_groups
 
 from .test_pruning import SEQ, sparse_masks
-from .tiny_convnets import tiny_cifar_resnet, tiny_hf_resnet, tiny_vgg
+from .tiny_convnets import (
+    tiny_cifar_resnet,
+    tiny_hf_convnext,
+    tiny_hf_efficientnet,
+    tiny_hf_mobilenet,
+    tiny_hf_regnet,
+    tiny_hf_resnet,
+    tiny_vgg,
+)
 from .tiny_models import TINY_MODEL_FACTORIES, tiny_model
 
 
@@ -45,7 +53,11 @@ def keep_one(zigs, masks):
 
 
 @pytest.mark.parametrize(
-    "factory", [tiny_vgg, tiny_cifar_resnet, tiny_hf_resnet], ids=["vgg", "cifar-resnet", "hf-resnet"]
+    "factory",
+    [tiny_vgg, tiny_cifar_resnet, tiny_hf_resnet, tiny_hf_regnet, tiny_hf_efficientnet, tiny_hf_convnext]
+    + [lambda: tiny_hf_convnext(2), tiny_hf_mobilenet, lambda: tiny_hf_mobilenet(2)],
+    ids=["vgg", "cifar-resnet", "hf-resnet", "hf-regnet", "hf-efficientnet", "hf-convnext", "hf-convnext-v2"]
+    + ["hf-mobilenet-v1", "hf-mobilenet-v2"],
 )
 def test_costs_equal_report_on_conv_nets(factory):
     model = factory().eval()

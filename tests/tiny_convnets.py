@@ -4,7 +4,22 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import ResNetConfig, ResNetForImageClassification
+from transformers import (
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    ConvNextV2Config,
+    ConvNextV2ForImageClassification,
+    EfficientNetConfig,
+    EfficientNetForImageClassification,
+    MobileNetV1Config,
+    MobileNetV1ForImageClassification,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+    RegNetConfig,
+    RegNetForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
+)
 
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification, CifarResNet, CifarVGG
 
@@ -135,6 +150,47 @@ def tiny_hf_resnet(layer_type: str = "bottleneck") -> ResNetForImageClassificati
     return ResNetForImageClassification(config)
 
 
+def tiny_hf_regnet() -> RegNetForImageClassification:
+    """RegNet-Y: grouped 3 x 3 convolutions (kept dense) and squeeze-excite gates."""
+    config = RegNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], groups_width=4, layer_type="y", num_labels=3
+    )
+    return RegNetForImageClassification(config)
+
+
+def tiny_hf_efficientnet() -> EfficientNetForImageClassification:
+    """EfficientNet-B0 layout at a tenth of the width: expand, depthwise, squeeze-excite, project, residual adds."""
+    config = EfficientNetConfig(
+        image_size=32, width_coefficient=0.1, depth_coefficient=0.25, hidden_dim=128, num_labels=3
+    )
+    return EfficientNetForImageClassification(config)
+
+
+def tiny_hf_convnext(version: int = 1) -> nn.Module:
+    """ConvNeXt: LayerNorms over channels (kept dense) and prunable channels-last MLPs (with a global response norm
+    in V2). Layer scales start at 1 (not 1e-6) and GRN weights and biases are random (not 0), so they matter."""
+    kwargs = {"num_stages": 2, "hidden_sizes": [8, 16], "depths": [1, 2], "image_size": 32, "num_labels": 3}
+    if version == 1:
+        return ConvNextForImageClassification(ConvNextConfig(layer_scale_init_value=1.0, **kwargs))
+    model = ConvNextV2ForImageClassification(ConvNextV2Config(**kwargs))
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if ".grn." in name:
+            parameter.data.copy_(torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def tiny_hf_mobilenet(version: int = 1) -> nn.Module:
+    """MobileNetV1 (depthwise separable) / MobileNetV2 (inverted residuals), with TensorFlow "SAME" padding."""
+    if version == 1:
+        return MobileNetV1ForImageClassification(
+            MobileNetV1Config(depth_multiplier=0.25, min_depth=4, image_size=32, num_labels=3)
+        )
+    return MobileNetV2ForImageClassification(
+        MobileNetV2Config(depth_multiplier=0.25, min_depth=4, image_size=32, num_labels=3)
+    )
+
+
 TINY_CONVNET_FACTORIES = {
     "cifar-vgg": tiny_vgg,
     "cifar-resnet-bottleneck": tiny_cifar_resnet,
@@ -143,6 +199,12 @@ TINY_CONVNET_FACTORIES = {
     "plain-cifar-resnet": lambda: CifarResNet("bottleneck", depths=[2, 1], widths=[4, 6], num_classes=3, stem_width=8),
     "hf-resnet-bottleneck": tiny_hf_resnet,
     "hf-resnet-basic": lambda: tiny_hf_resnet("basic"),
+    "hf-regnet": tiny_hf_regnet,
+    "hf-efficientnet": tiny_hf_efficientnet,
+    "hf-convnext": tiny_hf_convnext,
+    "hf-convnext-v2": lambda: tiny_hf_convnext(2),
+    "hf-mobilenet-v1": tiny_hf_mobilenet,
+    "hf-mobilenet-v2": lambda: tiny_hf_mobilenet(2),
     "concat": ConcatNet,
     "inverted-residual": InvertedResidualNet,
     "squeeze-excite": SqueezeExciteNet,
