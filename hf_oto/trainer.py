@@ -426,11 +426,12 @@ class OTOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
     # Hub
     # ------------------------------------------------------------------------------------------------------------
-    def init_hf_repo(self, token: Optional[str] = None) -> None:
+    def init_hf_repo(self, token: Optional[str] = None, **kwargs: Any) -> None:
         """Creates the Hub repository at construction only with `oto_push_checkpoints=True` (the `Trainer`'s
-        behaviour, to push checkpoints); otherwise [`OTOTrainer.push_to_hub`] creates it when it uploads."""
+        behaviour, to push checkpoints); otherwise [`OTOTrainer.push_to_hub`] creates it when it uploads. Other
+        arguments (`private` in transformers 5) go to `Trainer.init_hf_repo`."""
         if self.args.oto_push_checkpoints:
-            return super().init_hf_repo(token=token)
+            return super().init_hf_repo(token=token, **kwargs)
         self.push_in_progress = None
         return None
 

@@ -456,7 +456,7 @@ def test_push_to_hub_uploads_the_slim_folder_once(pruned, tmp_path):
 
 
 def test_push_to_hub_never_pushes_dense_checkpoints_unless_asked(tmp_path):
-    from .hub_mock import mock_hub
+    from .hub_mock import mock_hub, mock_trainer_hub
 
     data = random_dataset(16)
     with mock_hub() as hub:
@@ -479,16 +479,18 @@ def test_push_to_hub_never_pushes_dense_checkpoints_unless_asked(tmp_path):
     assert "model.safetensors" in upload["files"] and "training_args.bin" not in upload["files"]
 
     # Opting in: the Trainer's own save-time pushes (its create_repo / upload_folder) run.
-    with mock.patch("transformers.trainer.create_repo") as create_repo:
-        create_repo.return_value.repo_id = "me/tiny-oto"
-        with mock.patch("transformers.trainer.upload_folder") as upload_folder:
-            args = oto_args(
-                tmp_path / "opt-in", max_steps=2, save_strategy="steps", save_steps=2, push_to_hub=True,
-                hub_model_id="me/tiny-oto", oto_push_checkpoints=True,
-            )  # fmt: skip
-            OTOTrainer(tiny_model("bert"), args, train_dataset=data).train()
-    create_repo.assert_called_once()
-    assert upload_folder.call_count >= 1
+    with mock_trainer_hub("me/tiny-oto") as (create_repo, upload_folder):
+        args = oto_args(
+            tmp_path / "opt-in", max_steps=2, save_strategy="steps", save_steps=2, push_to_hub=True,
+            hub_model_id="me/tiny-oto", oto_push_checkpoints=True,
+        )  # fmt: skip
+        OTOTrainer(tiny_model("bert"), args, train_dataset=data).train()
+        create_repo.assert_called_once()
+        assert upload_folder.call_count >= 1
+        # Without push_to_hub, push_to_hub() before pruning creates the repo then (transformers 5 passes `private`).
+        late = oto_args(tmp_path / "opt-in-late", max_steps=1, hub_model_id="me/tiny-oto", oto_push_checkpoints=True)
+        OTOTrainer(tiny_model("bert"), late, train_dataset=data).push_to_hub()
+        assert create_repo.call_count == 2
 
 
 def test_default_target_mode_reaches_half_the_flops_and_logs_it(tmp_path):
