@@ -133,6 +133,13 @@ class PrunedAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"style={self.style!r}, replaces={self.original_class}, heads=0"
 
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # `Pruned<Original>` is made at run time: pickle (`torch.save(model)`) names the original class instead.
+        bases = [base for base in type(self).__bases__ if base is not PrunedAttention]
+        if not bases:
+            return super().__reduce_ex__(protocol)
+        return _new_stand_in, (bases[0],), self.__dict__
+
     def _empty_heads(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.new_zeros(*hidden.shape[:-1], 0)
 
@@ -167,6 +174,11 @@ class PrunedAttention(nn.Module):
             key_length = keys.shape[-2]
         out = self.get_submodule(self.output_name)(self._empty_heads(hidden))
         return out, self._empty_weights(hidden, key_length)
+
+
+def _new_stand_in(original_class: type) -> PrunedAttention:
+    """An empty `Pruned<Original>` for unpickling; `nn.Module.__setstate__` then restores its state."""
+    return nn.Module.__new__(_stand_in_class(original_class))
 
 
 def _stand_in_class(original_class: type) -> type:
