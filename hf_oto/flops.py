@@ -50,16 +50,16 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 
 def _query_modules(model: nn.Module) -> Iterator[nn.Linear]:
     """The query projections of every layer of a supported transformer, or nothing for other models."""
-    from .zig.transformers import TRANSFORMER_LAYOUTS, _join, base_model_prefix
+    from .zig.transformers import TRANSFORMER_LAYOUTS, _join, base_model_prefix, get_layout
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    layout = TRANSFORMER_LAYOUTS.get(model_type)
-    if layout is None:
+    if model_type not in TRANSFORMER_LAYOUTS:
         logger.info(
             f"No transformer layout for model_type={model_type!r}: counting nn.Linear / nn.Conv2d FLOPs only, "
             "without attention score/context products."
         )
         return
+    layout = get_layout(model)
     layers_path = _join(base_model_prefix(model), layout.layers)
     try:
         layers = model.get_submodule(layers_path)

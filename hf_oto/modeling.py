@@ -8,6 +8,7 @@ size mismatch; [`load_pruned_model`] builds the dense model from the config, res
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -63,7 +64,8 @@ def save_pruned_model(
             Replace a non-empty folder. The WHOLE folder is replaced: files that are not part of the saved model
             (e.g. notes you put there) are deleted too.
         safe_serialization (`bool`, *optional*, defaults to `True`):
-            Write safetensors (else `pytorch_model.bin`).
+            Write safetensors (else `pytorch_model.bin`). transformers 5 writes only safetensors: there, `False` logs
+            a warning and `model.safetensors` is written ([`load_pruned_model`] reads both formats).
         export_onnx (`bool`, *optional*, defaults to `False`):
             Also export the model through Optimum into an `onnx/` subfolder that loads with `ORTModelFor*` without
             hf_oto (needs `optimum[onnxruntime]`, the `onnx` extra).
@@ -88,8 +90,17 @@ def save_pruned_model(
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"save_pruned_model needs a transformers PreTrainedModel; got {type(model).__name__}.")
     model.config.oto_layout = current_layout(model)
+    save_kwargs = {}
+    if _save_pretrained_takes("safe_serialization"):
+        save_kwargs["safe_serialization"] = safe_serialization
+    elif not safe_serialization:
+        logger.warning(
+            "safe_serialization=False: this transformers version writes only safetensors, so the pruned model is "
+            f"saved as {SAFE_WEIGHTS_NAME} (load_pruned_model reads it, and {WEIGHTS_NAME} folders written with "
+            "transformers 4)."
+        )
     with atomic_folder(directory, overwrite=overwrite, what="pruned model") as staging:
-        model.save_pretrained(staging, safe_serialization=safe_serialization)
+        model.save_pretrained(staging, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if export_onnx:
@@ -100,6 +111,40 @@ def save_pruned_model(
             write_extra(staging)
     logger.info(f"Saved the pruned model to {directory} (layout {model.config.oto_layout}).")
     return directory
+
+
+def _save_pretrained_takes(argument: str) -> bool:
+    """Whether `PreTrainedModel.save_pretrained` has the named argument (`safe_serialization` is gone in
+    transformers 5, which always writes safetensors)."""
+    return argument in inspect.signature(PreTrainedModel.save_pretrained).parameters
+
+
+def _checkpoint_names(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Name in a checkpoint → name in `model`, for the tensors whose names differ.
+
+    transformers 5 renamed the modules of some models (ViT: `encoder.layer.N.attention.attention.query` became
+    `layers.N.attention.q_proj`) and still writes checkpoints under the old names (`save_pretrained` reverts its
+    weight conversion); `from_pretrained` renames them back when it loads. [`load_pruned_model`] loads the state dict
+    itself, so it asks transformers for the same mapping: the names `save_pretrained` would write for each of the
+    model's tensors. Empty on transformers 4 (no conversion) and for models whose names did not change.
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: checkpoints are written under the modules' names
+        return {}
+    try:
+        saved = revert_weight_conversion(model, dict(state_dict))
+    except Exception as error:  # a conversion this loader does not handle (e.g. fused weights): names as they are
+        logger.warning(
+            f"Could not read the checkpoint names of {type(model).__name__} ({error}); using its own names."
+        )
+        return {}
+    by_tensor = {id(tensor): name for name, tensor in state_dict.items()}
+    return {
+        saved_name: by_tensor[id(tensor)]
+        for saved_name, tensor in saved.items()
+        if id(tensor) in by_tensor and by_tensor[id(tensor)] != saved_name
+    }
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -256,6 +301,8 @@ def load_pruned_model(
     elif prefix != "." and not any(name.startswith(prefix) for name in state_dict):
         # A base-model checkpoint into a task model: its tensors belong under the base model prefix.
         state_dict = {prefix + name: tensor for name, tensor in state_dict.items()}
+    renames = _checkpoint_names(model, expected)
+    state_dict = {renames.get(name, name) if name not in expected else name: t for name, t in state_dict.items()}
     for name, reference in expected.items():
         tensor = state_dict.get(name)
         if tensor is not None and reference.shape != tensor.shape:

@@ -133,6 +133,13 @@ class OTOTrainer(Trainer):
         if zigs is None or zigs.model is not self.model:
             zigs = build_zigs(self.model, **args.zig_kwargs())
         self.zigs: Optional[ZIGSet] = zigs
+        if getattr(self, "model_accepts_loss_kwargs", False) and not loss_uses_num_items_in_batch(self.model):
+            # transformers 5 gives every model's forward `**kwargs`, and the Trainer then takes the loss as already
+            # normalised by `num_items_in_batch`: it skips the division by the accumulation steps and, under DDP,
+            # multiplies it by the number of processes. A head that computes a mean loss and drops the argument
+            # (e.g. BertForSequenceClassification) would train on a gradient `accumulation x processes` too large,
+            # and clipping and HSPG would see it: treat it as transformers 4 did.
+            self.model_accepts_loss_kwargs = False
         self.oto_group_kinds: list[str] = list(zigs.num_groups_by_kind())
         self.oto_init_steps: Optional[int] = None
         self.pruning_report = None
@@ -426,11 +433,12 @@ class OTOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
     # Hub
     # ------------------------------------------------------------------------------------------------------------
-    def init_hf_repo(self, token: Optional[str] = None) -> None:
+    def init_hf_repo(self, token: Optional[str] = None, **kwargs: Any) -> None:
         """Creates the Hub repository at construction only with `oto_push_checkpoints=True` (the `Trainer`'s
-        behaviour, to push checkpoints); otherwise [`OTOTrainer.push_to_hub`] creates it when it uploads."""
+        behaviour, to push checkpoints); otherwise [`OTOTrainer.push_to_hub`] creates it when it uploads. Other
+        arguments (`private` in transformers 5) go to `Trainer.init_hf_repo`."""
         if self.args.oto_push_checkpoints:
-            return super().init_hf_repo(token=token)
+            return super().init_hf_repo(token=token, **kwargs)
         self.push_in_progress = None
         return None
 
@@ -625,6 +633,30 @@ class OTOTrainer(Trainer):
             if metrics:
                 return metrics
         return {}
+
+
+def loss_uses_num_items_in_batch(model: nn.Module) -> bool:
+    """Whether `model`'s forward normalises its loss by the `num_items_in_batch` the `Trainer` passes it.
+
+    A model class that states it (`accepts_loss_kwargs`) is believed; otherwise the forward's source must name
+    `num_items_in_batch` or pass its `**kwargs` to `self.loss_function` (as transformers' causal-LM heads do). A
+    forward whose source cannot be read is assumed to use it (the `Trainer`'s own assumption).
+    """
+    import inspect
+    import re
+
+    model = getattr(model, "module", model)  # a DDP wrapper
+    stated = getattr(type(model), "accepts_loss_kwargs", None)
+    if isinstance(stated, bool):
+        return stated
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return True
+    return (
+        "num_items_in_batch" in source
+        or re.search(r"loss_function\((?:[^()]|\([^()]*\))*\*\*kwargs", source) is not None
+    )
 
 
 def hspg_param_groups(

@@ -38,17 +38,60 @@ def _refuse(*args, **kwargs):
     raise AssertionError("an unexpected Hub call (the tests never touch the network)")
 
 
+def _trainer_hub_targets() -> dict[str, str]:
+    """The names through which the `Trainer` reaches the Hub: `create_repo` / `upload_folder` imported into
+    `transformers.trainer` (transformers 4), or `transformers.trainer.hf_api()` (transformers 5)."""
+    import transformers.trainer
+
+    if hasattr(transformers.trainer, "create_repo"):
+        return {
+            "create_repo": "transformers.trainer.create_repo",
+            "upload_folder": "transformers.trainer.upload_folder",
+        }
+    return {"hf_api": "transformers.trainer.hf_api"}
+
+
 @contextlib.contextmanager
 def mock_hub(namespace: str = "me"):
     """Patches `HfApi.create_repo` and `HfApi.upload_folder` (recorded) and the other upload paths (refused),
-    including the `Trainer`'s own `create_repo` / `upload_folder`."""
+    including the `Trainer`'s own `create_repo` / `upload_folder` (transformers 4) or `hf_api()` (transformers 5)."""
     recorder = HubRecorder(namespace)
-    with (
-        mock.patch("huggingface_hub.HfApi.create_repo", autospec=True, side_effect=recorder.create_repo),
-        mock.patch("huggingface_hub.HfApi.upload_folder", autospec=True, side_effect=recorder.upload_folder),
-        mock.patch("huggingface_hub.HfApi.create_commit", side_effect=_refuse),
-        mock.patch("huggingface_hub.HfApi.upload_file", side_effect=_refuse),
-        mock.patch("transformers.trainer.create_repo", side_effect=_refuse),
-        mock.patch("transformers.trainer.upload_folder", side_effect=_refuse),
-    ):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            mock.patch("huggingface_hub.HfApi.create_repo", autospec=True, side_effect=recorder.create_repo)
+        )
+        stack.enter_context(
+            mock.patch("huggingface_hub.HfApi.upload_folder", autospec=True, side_effect=recorder.upload_folder)
+        )
+        stack.enter_context(mock.patch("huggingface_hub.HfApi.create_commit", side_effect=_refuse))
+        stack.enter_context(mock.patch("huggingface_hub.HfApi.upload_file", side_effect=_refuse))
+        for target in _trainer_hub_targets().values():
+            stack.enter_context(mock.patch(target, side_effect=_refuse))
         yield recorder
+
+
+@contextlib.contextmanager
+def mock_trainer_hub(repo_id: str):
+    """The `Trainer`'s own Hub calls, mocked (nothing else is): yields its `(create_repo, upload_folder)` mocks."""
+    targets = _trainer_hub_targets()
+    if "hf_api" in targets:
+        api = mock.MagicMock()
+        api.create_repo.return_value.repo_id = repo_id
+        with mock.patch(targets["hf_api"], return_value=api):
+            yield api.create_repo, api.upload_folder
+        return
+    with mock.patch(targets["create_repo"]) as create_repo, mock.patch(targets["upload_folder"]) as upload_folder:
+        create_repo.return_value.repo_id = repo_id
+        yield create_repo, upload_folder
+
+
+def tokenizer_files(folder: str | os.PathLike) -> list[str]:
+    """The files `save_pretrained` writes for the tokenizer saved in `folder`: transformers 4 adds `vocab.txt` and
+    `special_tokens_map.json` to the `tokenizer.json` and `tokenizer_config.json` that transformers 5 writes."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        AutoTokenizer.from_pretrained(folder).save_pretrained(scratch)
+        return sorted(path.name for path in Path(scratch).iterdir())

@@ -114,7 +114,10 @@ def test_from_pretrained_forced_with_ignore_mismatched_sizes_is_another_model(tm
     save_pruned_model(slim, tmp_path)
     with CaptureLogger(logging.get_logger("transformers.modeling_utils")) as captured:
         forced = AutoModelForSequenceClassification.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
-    assert "found shape" in captured.out and "newly initialized" in captured.out
+    # transformers 4: "... found shape ... newly initialized"; 5: a load report with "Reinit due to size mismatch"
+    assert ("found shape" in captured.out and "newly initialized" in captured.out) or (
+        "Reinit due to size mismatch" in captured.out
+    )
     assert sum(p.numel() for p in forced.parameters()) > sum(p.numel() for p in slim.parameters())
     reloaded = load_pruned_model(tmp_path, AutoModelForSequenceClassification)
     assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in slim.parameters())

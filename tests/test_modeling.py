@@ -14,11 +14,23 @@ from transformers import (
 )
 
 from hf_oto import build_zigs
-from hf_oto.modeling import load_pruned_model, save_pruned_model
+from hf_oto.modeling import _save_pretrained_takes, load_pruned_model, save_pruned_model
 from hf_oto.pruning import PrunedAttention, prune_zero_groups
 
 from .test_pruning import SEQ, main_output, run, sparse_masks
 from .tiny_models import TINY_MODEL_FACTORIES, tiny_inputs, tiny_model
+
+
+WRITES_TORCH_BIN = _save_pretrained_takes("safe_serialization")  # transformers 4; 5 writes only safetensors
+FROM_PRETRAINED_SIZE_ERROR = r"size mismatch|ignore_mismatched_sizes"  # transformers 4 | 5 (after its load report)
+
+
+def to_torch_bin(folder):
+    """Replaces `model.safetensors` by the `pytorch_model.bin` transformers 4 writes with `safe_serialization=False`."""
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
 
 
 def pruned(name, seed=0, **kwargs):
@@ -85,7 +97,7 @@ def test_zero_size_tensors_are_kept_and_plain_from_pretrained_fails(tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as file:
         assert file.get_slice("bert.encoder.layer.0.attention.self.query.weight").get_shape() == [0, 32]
         assert file.get_slice("bert.encoder.layer.0.attention.output.dense.weight").get_shape() == [32, 0]
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(RuntimeError, match=FROM_PRETRAINED_SIZE_ERROR):
         AutoModelForSequenceClassification.from_pretrained(tmp_path)
     torch.testing.assert_close(
         run(load_pruned_model(tmp_path, AutoModelForSequenceClassification), tiny_inputs(slim)),
@@ -96,7 +108,7 @@ def test_zero_size_tensors_are_kept_and_plain_from_pretrained_fails(tmp_path):
 def test_plain_from_pretrained_fails_on_a_pruned_llama(tmp_path):
     slim = pruned("llama")
     save_pruned_model(slim, tmp_path)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(RuntimeError, match=FROM_PRETRAINED_SIZE_ERROR):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
@@ -125,10 +137,15 @@ def test_overwrite_leaves_no_stale_weights_that_win_at_load_time(tmp_path, stale
     single file if it survived the overwrite."""
     old, new = pruned("bert", seed=0), pruned("bert", seed=1)
     folder = tmp_path / "slim"
-    if stale == "single_safetensors":
+    if stale == "single_safetensors" and WRITES_TORCH_BIN:
         save_pruned_model(old, folder)
         save_pruned_model(new, folder, overwrite=True, safe_serialization=False)
         assert sorted(p.name for p in folder.glob("*.safetensors")) == [] and (folder / "pytorch_model.bin").is_file()
+    elif stale == "single_safetensors":  # transformers 5 writes only safetensors: a stale .bin must go
+        save_pruned_model(old, folder)
+        to_torch_bin(folder)
+        save_pruned_model(new, folder, overwrite=True)
+        assert not (folder / "pytorch_model.bin").exists() and (folder / "model.safetensors").is_file()
     else:
         old.save_pretrained(folder, max_shard_size="20KB")
         assert (folder / "model.safetensors.index.json").is_file()
@@ -204,7 +221,16 @@ def test_torch_serialization_and_tokenizer(tmp_path):
     tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
     slim = pruned("bert")
     folder = tmp_path / "pruned"
-    save_pruned_model(slim, folder, tokenizer, safe_serialization=False)
+    if WRITES_TORCH_BIN:
+        save_pruned_model(slim, folder, tokenizer, safe_serialization=False)
+    else:  # transformers 5 writes only safetensors: it says so; a transformers 4 `.bin` folder still loads
+        from transformers.testing_utils import CaptureLogger
+        from transformers.utils import logging
+
+        with CaptureLogger(logging.get_logger("hf_oto.modeling")) as captured:
+            save_pruned_model(slim, folder, tokenizer, safe_serialization=False)
+        assert "writes only safetensors" in captured.out and (folder / "model.safetensors").is_file()
+        to_torch_bin(folder)
     assert (folder / "pytorch_model.bin").is_file() and (folder / "tokenizer.json").is_file()
     loaded = load_pruned_model(folder, AutoModelForSequenceClassification)
     inputs = BertTokenizerFast.from_pretrained(folder)(["w1 w2 w3", "w5"], padding=True, return_tensors="pt")

@@ -66,6 +66,10 @@ def test_text_classification_pipeline(tmp_path, tokenizer):
 
 
 def test_question_answering_pipeline(tmp_path, tokenizer):
+    from transformers.pipelines import SUPPORTED_TASKS
+
+    if "question-answering" not in SUPPORTED_TASKS:
+        pytest.skip("transformers 5 removed the question-answering pipeline")
     torch.manual_seed(0)
     slim = _slim(BertForQuestionAnswering(_bert_config()))
     save_pruned_model(slim, tmp_path, tokenizer)

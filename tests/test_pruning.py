@@ -1,5 +1,7 @@
 """Exact pruning of zero groups: the slim model gives the group-sparse model's outputs on every architecture."""
 
+import inspect
+import io
 import json
 
 import pytest
@@ -141,31 +143,69 @@ def test_generate_with_a_layer_without_heads(name):
     assert isinstance(slim.model.layers[0].self_attn, PrunedAttention)
     assert generated.shape == (1, input_ids.shape[1] + 6)
     torch.testing.assert_close(generated, reference, atol=0, rtol=0)
-    if name == "llama":  # a static cache allocates its layers from the first key/value states it sees
-        with torch.no_grad():
-            static = slim.generate(input_ids, cache_implementation="static", **kwargs)
-        torch.testing.assert_close(static, reference, atol=0, rtol=0)
+    # The head-less layer's cache counts the tokens too: transformers 5 passes it as `cache=`, 4.x as
+    # `past_key_values=`; a stand-in that missed it left that layer's cache empty and the static cache below wrong.
+    with torch.no_grad():
+        cache = slim(input_ids, use_cache=True).past_key_values
+    assert [cache.get_seq_length(layer) for layer in range(3)] == [input_ids.shape[1]] * 3
+    # Token by token with the cache and no positions given: the model reads the next position from layer 0's cache.
+    cache_kwarg = "cache" if "cache" in inspect.signature(type(slim).forward).parameters else "past_key_values"
+    with torch.no_grad():
+        step = slim(input_ids[:, :-1], use_cache=True)
+        last = slim(input_ids[:, -1:], **{cache_kwarg: step.past_key_values}, use_cache=True)
+        torch.testing.assert_close(last.logits[:, -1], model(input_ids).logits[:, -1], atol=1e-5, rtol=1e-5)
+    # The stand-in's class (`PrunedLlamaAttention`) is made at run time; a pickled model still loads. (transformers 5
+    # cannot pickle a model once it has recorded outputs: its recording hooks are local functions.)
+    buffer = io.BytesIO()
+    torch.save(slim, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    assert type(reloaded.model.layers[0].self_attn) is type(slim.model.layers[0].self_attn)
+    torch.testing.assert_close(reloaded.generate(input_ids, **kwargs), reference, atol=0, rtol=0)
+    # A static cache allocates its layers from the first key/value states it sees.
+    with torch.no_grad():
+        static = slim.generate(input_ids, cache_implementation="static", **kwargs)
+    torch.testing.assert_close(static, reference, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["bert", "distilbert", "vit"])
+@pytest.mark.parametrize("name", ["bert", "distilbert", "vit", "llama"])
 def test_output_attentions_with_a_layer_without_heads(name):
+    """One attention entry per layer, in layer order: the head-less layer gives `[batch, 0, T, T]` (transformers 4
+    collects what each layer returns, transformers 5 records with hooks on the attention class)."""
     model = tiny_model(name)
     model.set_attn_implementation("eager")
     zigs = build_zigs(model)
     zigs.set_zero(sparse_masks(zigs))
     inputs = tiny_inputs(model)
-    reference = run(model, inputs)
-    slim, _ = prune_zero_groups(model, zigs, seq_length=SEQ)
+    with torch.no_grad():
+        dense = model(**inputs, output_attentions=True)
+    slim, _ = prune_zero_groups(model, zigs, seq_length=SEQ, inplace=False)
     with torch.no_grad():
         outputs = slim(**inputs, output_attentions=True)
-    torch.testing.assert_close(main_output(outputs), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(main_output(outputs), main_output(dense), atol=1e-5, rtol=1e-5)
     heads = slim.config.oto_layout["num_attention_heads"]
-    if name == "vit":
-        # ViT records attentions with hooks on its attention class: the stand-in of layer 0 records none.
-        assert [a.shape[1] for a in outputs.attentions] == heads[1:]
-    else:
-        assert outputs.attentions[0] is None  # layer 0 has no heads
-        assert [a.shape[1] for a in outputs.attentions[1:]] == heads[1:]
+    assert heads[0] == 0 and len(outputs.attentions) == len(heads) == len(dense.attentions)
+    for layer, (attention, reference) in enumerate(zip(outputs.attentions, dense.attentions)):
+        batch, _, queries, keys = reference.shape
+        assert attention.shape == (batch, heads[layer], queries, keys), f"layer {layer}"
+
+
+def test_output_attentions_recorded_before_pruning_still_cover_every_layer():
+    """transformers 5 installs its recording hooks once per model: a stand-in takes over the hooks of the module it
+    replaces, so a model that returned attentions before pruning still returns one per layer after."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    zigs = build_zigs(model)
+    zigs.set_zero(sparse_masks(zigs))
+    inputs = tiny_inputs(model)
+    with torch.no_grad():
+        model(**inputs, output_attentions=True)
+        prune_zero_groups(model, zigs, seq_length=SEQ)
+        outputs = model(**inputs, output_attentions=True)
+    heads = model.config.oto_layout["num_attention_heads"]
+    assert [a.shape[1] for a in outputs.attentions] == heads
+    stand_in = model.model.layers[0].self_attn
+    assert isinstance(stand_in, PrunedAttention) and isinstance(stand_in, type(model.model.layers[1].self_attn))
 
 
 def test_slim_model_trains():

@@ -9,7 +9,7 @@ from unittest import mock
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, Trainer, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_oto.callbacks import STAGE_IDS, OTOSparsityCallback, oto_sparsity_logs, unwrap_optimizer
 from hf_oto.trainer import OTOTrainer
@@ -456,7 +456,7 @@ def test_push_to_hub_uploads_the_slim_folder_once(pruned, tmp_path):
 
 
 def test_push_to_hub_never_pushes_dense_checkpoints_unless_asked(tmp_path):
-    from .hub_mock import mock_hub
+    from .hub_mock import mock_hub, mock_trainer_hub
 
     data = random_dataset(16)
     with mock_hub() as hub:
@@ -479,16 +479,18 @@ def test_push_to_hub_never_pushes_dense_checkpoints_unless_asked(tmp_path):
     assert "model.safetensors" in upload["files"] and "training_args.bin" not in upload["files"]
 
     # Opting in: the Trainer's own save-time pushes (its create_repo / upload_folder) run.
-    with mock.patch("transformers.trainer.create_repo") as create_repo:
-        create_repo.return_value.repo_id = "me/tiny-oto"
-        with mock.patch("transformers.trainer.upload_folder") as upload_folder:
-            args = oto_args(
-                tmp_path / "opt-in", max_steps=2, save_strategy="steps", save_steps=2, push_to_hub=True,
-                hub_model_id="me/tiny-oto", oto_push_checkpoints=True,
-            )  # fmt: skip
-            OTOTrainer(tiny_model("bert"), args, train_dataset=data).train()
-    create_repo.assert_called_once()
-    assert upload_folder.call_count >= 1
+    with mock_trainer_hub("me/tiny-oto") as (create_repo, upload_folder):
+        args = oto_args(
+            tmp_path / "opt-in", max_steps=2, save_strategy="steps", save_steps=2, push_to_hub=True,
+            hub_model_id="me/tiny-oto", oto_push_checkpoints=True,
+        )  # fmt: skip
+        OTOTrainer(tiny_model("bert"), args, train_dataset=data).train()
+        create_repo.assert_called_once()
+        assert upload_folder.call_count >= 1
+        # Without push_to_hub, push_to_hub() before pruning creates the repo then (transformers 5 passes `private`).
+        late = oto_args(tmp_path / "opt-in-late", max_steps=1, hub_model_id="me/tiny-oto", oto_push_checkpoints=True)
+        OTOTrainer(tiny_model("bert"), late, train_dataset=data).push_to_hub()
+        assert create_repo.call_count == 2
 
 
 def test_default_target_mode_reaches_half_the_flops_and_logs_it(tmp_path):
@@ -503,3 +505,40 @@ def test_default_target_mode_reaches_half_the_flops_and_logs_it(tmp_path):
     trainer.prune()
     report = trainer.pruning_report
     assert report.flops_after / report.flops_before == pytest.approx(last["oto/flops_kept"])
+
+
+def test_a_mean_loss_head_is_divided_by_the_accumulation_steps(tmp_path):
+    """transformers 5 gives every forward `**kwargs`; the Trainer then takes the loss as normalised by
+    `num_items_in_batch` (no division by the accumulation steps, a product by the processes under DDP). A head whose
+    loss is a mean that drops the argument (BertForSequenceClassification) is trained as transformers 4 trained it;
+    a causal LM, whose loss uses it, keeps the Trainer's token-weighted loss."""
+    from hf_oto.trainer import loss_uses_num_items_in_batch
+
+    assert not loss_uses_num_items_in_batch(tiny_model("bert")) and loss_uses_num_items_in_batch(tiny_model("llama"))
+    data = random_dataset(8)
+    bert = OTOTrainer(tiny_model("bert"), oto_args(tmp_path / "bert"), train_dataset=data)
+    assert bert.model_accepts_loss_kwargs is False
+    llama = OTOTrainer(tiny_model("llama"), oto_args(tmp_path / "llama"), train_dataset=data)
+    assert llama.model_accepts_loss_kwargs is True
+
+    # Two accumulated half batches give the gradient of the whole batch, as in transformers 4.
+    def first_step_gradient(accumulation: int) -> torch.Tensor:
+        args = oto_args(
+            tmp_path / f"ga{accumulation}", max_steps=1, per_device_train_batch_size=8 // accumulation,
+            gradient_accumulation_steps=accumulation, max_grad_norm=0.0, seed=0,
+        )  # fmt: skip
+        trainer = OTOTrainer(tiny_model("bert"), args, train_dataset=data)
+        grads = {}
+        trainer.add_callback(_GradientGrabber(grads))
+        trainer.train()
+        return grads["classifier.weight"]
+
+    torch.testing.assert_close(first_step_gradient(2), first_step_gradient(1), atol=1e-6, rtol=1e-4)
+
+
+class _GradientGrabber(TrainerCallback):
+    def __init__(self, grads: dict):
+        self.grads = grads
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})

@@ -90,22 +90,37 @@ _LLAMA_LIKE = TransformerLayout(
     num_kv_heads_config="num_key_value_heads",
 )
 
-TRANSFORMER_LAYOUTS: dict[str, TransformerLayout] = {
+TRANSFORMER_LAYOUTS: dict[str, TransformerLayout | tuple[TransformerLayout, ...]] = {
     "bert": _BERT_LIKE,
     "roberta": _BERT_LIKE,
     "xlm-roberta": _BERT_LIKE,
     "electra": _BERT_LIKE,
-    "vit": TransformerLayout(
-        layers="encoder.layer",
-        attention="attention.attention",
-        query="attention.attention.query",
-        key="attention.attention.key",
-        value="attention.attention.value",
-        output="attention.output.dense",
-        up="intermediate.dense",
-        down="output.dense",
-        head_count_attrs=("num_attention_heads",),
-        head_width_attrs=("all_head_size",),
+    # transformers 4.x (`encoder.layer.N.attention.attention.query`) and 5.x (`layers.N.attention.q_proj`, the
+    # output projection inside the attention module, `mlp.fc1/fc2`): the first alternative the model has is used.
+    "vit": (
+        TransformerLayout(
+            layers="encoder.layer",
+            attention="attention.attention",
+            query="attention.attention.query",
+            key="attention.attention.key",
+            value="attention.attention.value",
+            output="attention.output.dense",
+            up="intermediate.dense",
+            down="output.dense",
+            head_count_attrs=("num_attention_heads",),
+            head_width_attrs=("all_head_size",),
+        ),
+        TransformerLayout(
+            layers="layers",
+            attention="attention",
+            query="attention.q_proj",
+            key="attention.k_proj",
+            value="attention.v_proj",
+            output="attention.o_proj",
+            up="mlp.fc1",
+            down="mlp.fc2",
+            head_count_attrs=("num_attention_heads",),
+        ),
     ),
     "distilbert": TransformerLayout(
         layers="transformer.layer",
@@ -124,14 +139,48 @@ TRANSFORMER_LAYOUTS: dict[str, TransformerLayout] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
 }
-"""`config.model_type` → where the heads and FFN rows are. Add a row to support a new architecture."""
+"""`config.model_type` → where the heads and FFN rows are. Add a row to support a new architecture.
+
+A row may be a tuple of alternatives when transformers versions name the modules differently (ViT in transformers 4.x
+and 5.x): [`get_layout`] picks the first one whose layer list and projections the model has."""
+
+
+def layout_alternatives(model_type: str | None) -> tuple[TransformerLayout, ...]:
+    """The [`TransformerLayout`] alternatives of a `model_type` (empty if it has no row)."""
+    row = TRANSFORMER_LAYOUTS.get(model_type)
+    if row is None:
+        return ()
+    return row if isinstance(row, tuple) else (row,)
+
+
+def _matches(model: nn.Module, layout: TransformerLayout) -> bool:
+    """Whether `model` has the layer list of `layout` and, in its first layer, the q/k/v/output/FFN projections."""
+    try:
+        layers = model.get_submodule(_join(base_model_prefix(model), layout.layers))
+    except AttributeError:
+        return False
+    if not isinstance(layers, nn.ModuleList):
+        return False
+    if len(layers) == 0:
+        return True
+    roles = ("query", "key", "value", "output", "up", "down", "gate")
+    paths = [getattr(layout, role) for role in roles if getattr(layout, role) is not None]
+    try:
+        return all(isinstance(layers[0].get_submodule(path), nn.Linear) for path in paths)
+    except AttributeError:
+        return False
 
 
 def get_layout(model: nn.Module) -> TransformerLayout:
-    """Returns the [`TransformerLayout`] of `model`, or raises a `ValueError` that lists the supported types."""
+    """Returns the [`TransformerLayout`] of `model`, or raises a `ValueError` that lists the supported types.
+
+    When the row of its `model_type` has alternatives, the first one that matches the model's modules is returned;
+    if none does, the first one (whose module paths then name what is missing in the errors that follow).
+    """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in TRANSFORMER_LAYOUTS:
+    alternatives = layout_alternatives(model_type)
+    if not alternatives:
         supported = ", ".join(sorted(TRANSFORMER_LAYOUTS))
         raise ValueError(
             f"hf_oto has no zero-invariant group layout for model_type={model_type!r} ({type(model).__name__}). "
@@ -139,7 +188,11 @@ def get_layout(model: nn.Module) -> TransformerLayout:
             "`hf_oto.zig.transformers.TRANSFORMER_LAYOUTS` naming its layer list and its q/k/v/output and FFN "
             "projection modules."
         )
-    return TRANSFORMER_LAYOUTS[model_type]
+    if len(alternatives) > 1:
+        for layout in alternatives:
+            if _matches(model, layout):
+                return layout
+    return alternatives[0]
 
 
 def base_model_prefix(model: nn.Module) -> str:
