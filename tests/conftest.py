@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from accelerate.state import AcceleratorState
@@ -35,3 +37,13 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (see `setup.cfg`) run only with `RUN_SLOW=1`."""
+    if os.environ.get("RUN_SLOW", "0").lower() in ("1", "true", "yes"):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
