@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import os
 
 import pytest
 import torch
@@ -39,36 +39,11 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
 
 
-HF_FX = "transformers.utils.fx"
-HF_FX_MISSING = importlib.util.find_spec("transformers") is not None and importlib.util.find_spec(HF_FX) is None
-
-
-def _missing_hf_fx(error: BaseException | None) -> bool:
-    """Whether `error` (or what caused it) is the import of `transformers.utils.fx`, which transformers 5 removed."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, ModuleNotFoundError) and error.name == HF_FX:
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """On transformers 5, a test that fails only because conv-channel tracing imports `transformers.utils.fx` (the
-    `HFTracer` of `hf_oto.zig.conv`, being reworked to do without it) is reported as an expected failure, not as a
-    pass or a failure: `make test-transformers5` counts them as xfailed. Any other failure still fails."""
-    outcome = yield
-    report = outcome.get_result()
-    if HF_FX_MISSING and report.failed and call.excinfo is not None and _missing_hf_fx(call.excinfo.value):
-        report.outcome = "skipped"
-        report.wasxfail = (
-            f"conv-channel tracing needs {HF_FX}, which this transformers ({_transformers_version()}) lacks"
-        )
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (see `setup.cfg`) run only with `RUN_SLOW=1`."""
+    if os.environ.get("RUN_SLOW", "0").lower() in ("1", "true", "yes"):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
