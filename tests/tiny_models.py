@@ -62,6 +62,11 @@ DISTILBERT_KWARGS = dict(
 )
 
 
+FROM_PRETRAINED_SIZE_ERROR = r"size mismatch|ignore_mismatched_sizes"
+"""What plain `from_pretrained` raises on a pruned folder: transformers 4's `size mismatch ...`, transformers 5's
+"You set `ignore_mismatched_sizes` to `False` ..." after its load report."""
+
+
 def _encoder(config_class, model_class, **extra):
     return model_class(config_class(**ENCODER_KWARGS, **extra))
 
