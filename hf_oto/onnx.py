@@ -766,8 +766,9 @@ def benchmark_speedup(
         batch = _dummy_feed(all_names, dense_model.config, batch_size, seq_length, seed=seed, pad=False)
         feeds = {key: {name: batch[name] for name in names} for key, names in input_names.items()}
         times: dict[str, list[float]] = {"dense": [], "slim": []}
+        shape = f"s{seq_length}" if "input_ids" in all_names else "image"  # image models have no sequence length
         rounds = tqdm(
-            range(warmup + repeats), desc=f"ORT latency b{batch_size} s{seq_length}", disable=not progress, leave=False
+            range(warmup + repeats), desc=f"ORT latency b{batch_size} {shape}", disable=not progress, leave=False
         )
         for round_index in rounds:
             order = ("dense", "slim") if round_index % 2 == 0 else ("slim", "dense")
