@@ -258,6 +258,19 @@ def is_depthwise(module: nn.Module) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # What keeps a zero channel zero
 # ----------------------------------------------------------------------------------------------------------------
+_SPATIAL_MODULES: tuple[type, ...] = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.Upsample,
+    nn.ZeroPad2d,
+)
+"""Zero-preserving modules that act along the trailing dimensions: channel-wise only with channels in dimension 1."""
 _ZERO_PRESERVING_MODULES: tuple[type, ...] = (
     nn.ReLU,
     nn.ReLU6,
@@ -276,16 +289,7 @@ _ZERO_PRESERVING_MODULES: tuple[type, ...] = (
     nn.Dropout,
     nn.Dropout1d,
     nn.Dropout2d,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.Upsample,
-    nn.ZeroPad2d,
+    *_SPATIAL_MODULES,
 )
 """Channel-wise modules that map an all-zero channel to an all-zero channel (`f(0) = 0`)."""
 
@@ -333,19 +337,7 @@ _ZERO_PRESERVING_METHODS = {
     "type_as",
     "detach",
 }
-_SPATIAL_MODULES: tuple[type, ...] = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.Upsample,
-    nn.ZeroPad2d,
-)
-"""Zero-preserving modules that act along the trailing dimensions: channel-wise only with channels in dimension 1."""
+
 _SPATIAL_FUNCTIONS: set[Any] = {
     torch.nn.functional.max_pool1d,
     torch.nn.functional.max_pool2d,
