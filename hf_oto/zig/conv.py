@@ -293,6 +293,17 @@ _ZERO_PRESERVING_MODULES: tuple[type, ...] = (
 )
 """Channel-wise modules that map an all-zero channel to an all-zero channel (`f(0) = 0`)."""
 
+_SPATIAL_FUNCTIONS: set[Any] = {
+    torch.nn.functional.max_pool1d,
+    torch.nn.functional.max_pool2d,
+    torch.nn.functional.avg_pool1d,
+    torch.nn.functional.avg_pool2d,
+    torch.nn.functional.adaptive_avg_pool1d,
+    torch.nn.functional.adaptive_avg_pool2d,
+    torch.nn.functional.adaptive_max_pool1d,
+    torch.nn.functional.adaptive_max_pool2d,
+    torch.nn.functional.interpolate,
+}
 _ZERO_PRESERVING_FUNCTIONS: set[Any] = {
     torch.relu,
     torch.tanh,
@@ -313,15 +324,7 @@ _ZERO_PRESERVING_FUNCTIONS: set[Any] = {
     torch.nn.functional.dropout,
     torch.nn.functional.dropout1d,
     torch.nn.functional.dropout2d,
-    torch.nn.functional.max_pool1d,
-    torch.nn.functional.max_pool2d,
-    torch.nn.functional.avg_pool1d,
-    torch.nn.functional.avg_pool2d,
-    torch.nn.functional.adaptive_avg_pool1d,
-    torch.nn.functional.adaptive_avg_pool2d,
-    torch.nn.functional.adaptive_max_pool1d,
-    torch.nn.functional.adaptive_max_pool2d,
-    torch.nn.functional.interpolate,
+    *_SPATIAL_FUNCTIONS,
     operator.neg,
 }
 _ZERO_PRESERVING_METHODS = {
@@ -338,17 +341,6 @@ _ZERO_PRESERVING_METHODS = {
     "detach",
 }
 
-_SPATIAL_FUNCTIONS: set[Any] = {
-    torch.nn.functional.max_pool1d,
-    torch.nn.functional.max_pool2d,
-    torch.nn.functional.avg_pool1d,
-    torch.nn.functional.avg_pool2d,
-    torch.nn.functional.adaptive_avg_pool1d,
-    torch.nn.functional.adaptive_avg_pool2d,
-    torch.nn.functional.adaptive_max_pool1d,
-    torch.nn.functional.adaptive_max_pool2d,
-    torch.nn.functional.interpolate,
-}
 _GATE_MODULES: tuple[type, ...] = (nn.Sigmoid, nn.Hardsigmoid)
 """Channel-wise modules that do not map zero to zero (`sigmoid(0) = 0.5`): a zero group is zero again only where the
 result multiplies it (a squeeze-excite gate), so its channels may be pruned, but no layer may read them."""
