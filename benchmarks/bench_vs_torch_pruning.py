@@ -45,7 +45,7 @@ One run is one method, one seed and one FLOPs target (a fraction of the dense mo
 Each run records accuracy of the slim model on the test split, FLOPs@128 and parameters (absolute and as a fraction
 of the dense model's), heads and FFN rows kept (total and per layer), wall time, the load average at its start and
 end and torch's thread count; with `--speedup`, also the ONNX Runtime speedup of the slim model over the dense
-architecture (batch 1, 128 tokens, `hf_oto.onnx.benchmark_speedup` on an `hf_oto.onnx.export_onnx` export that is
+architecture (batch 1, 128 tokens, `hf_oto.speedup.benchmark_speedup` on an `hf_oto.onnx.export_onnx` export that is
 checked against the PyTorch outputs; the Torch-Pruning model, whose per-layer head counts the config cannot express,
 exports the same way because the exporter traces the modules). Every finished run is appended to `--output` at
 once; runs already there (same method, seed, target and settings) are skipped, so a killed job resumes. At the end a
@@ -310,7 +310,8 @@ def measure_speedup(model, ctx: Context, name: str) -> dict[str, Any]:
     if not ctx.args.speedup:
         return {"speedup": None, "speedup_note": "not measured (run with --speedup)"}
     try:
-        from hf_oto.onnx import benchmark_speedup, export_onnx
+        from hf_oto.onnx import export_onnx
+        from hf_oto.speedup import benchmark_speedup
 
         # Validated export: ONNX Runtime must reproduce the PyTorch outputs (per-layer head counts included).
         slim_dir = export_onnx(model, ctx.workdir / f"onnx-{name}", task="text-classification", overwrite=True)

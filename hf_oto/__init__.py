@@ -8,11 +8,15 @@ __version__ = "0.1.0.dev0"
 
 from .callbacks import OTOSparsityCallback
 from .flops import count_flops, count_parameters
+from .group_kinds import GroupKind, register_group_kind
 from .image_processing import OTOImageProcessor
+from .layout import OTOLayout
 from .modeling import load_pruned_model, save_pruned_model
 from .models import CifarConvNetConfig, CifarConvNetForImageClassification
 from .optim import HSPG, PruningTarget
-from .pruning import PrunedAttention, PruningReport, apply_layout, prune_zero_groups
+from .pruned_attention import PrunedAttention
+from .pruning import apply_layout, prune_zero_groups
+from .report import PruningReport, measure_model, prune_and_measure
 from .trainer import OTOTrainer
 from .training_args import OTOTrainingArguments
 from .zig import (
@@ -29,19 +33,25 @@ from .zig import (
 
 def __getattr__(name: str):
     # The ONNX tools need optimum[onnxruntime] (the `onnx` extra): import them only when asked for.
-    if name in ("export_onnx", "benchmark_speedup"):
+    if name == "export_onnx":
         from . import onnx
 
-        return getattr(onnx, name)
+        return onnx.export_onnx
+    if name == "benchmark_speedup":
+        from . import speedup
+
+        return speedup.benchmark_speedup
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "HSPG",
     "ChannelAdapter",
+    "GroupKind",
     "CifarConvNetConfig",
     "CifarConvNetForImageClassification",
     "OTOImageProcessor",
+    "OTOLayout",
     "OTOSparsityCallback",
     "OTOTrainer",
     "OTOTrainingArguments",
@@ -60,7 +70,10 @@ __all__ = [
     "count_parameters",
     "export_onnx",
     "load_pruned_model",
+    "measure_model",
+    "prune_and_measure",
     "prune_zero_groups",
     "register_channel_adapter",
+    "register_group_kind",
     "save_pruned_model",
 ]

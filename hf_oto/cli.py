@@ -91,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ```
     """
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from .onnx import _load_torch_model, benchmark_speedup, export_onnx
+    from .modeling import load_model_folder
+    from .onnx import export_onnx
+    from .speedup import benchmark_speedup
 
     if args.command == "benchmark":
         result = benchmark_speedup(
@@ -113,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
         return 0
-    model = _load_torch_model(args.model_dir)
+    model = load_model_folder(args.model_dir)
     export_onnx(model, args.output_dir, task=args.task, opset=args.opset, overwrite=args.overwrite)
     print(f"Exported {args.model_dir} to {args.output_dir}")
     return 0

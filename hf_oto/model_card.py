@@ -14,8 +14,9 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
+from .group_kinds import GroupKind, kinds_in
 from .hub import LOCAL_REPO_PLACEHOLDER
-from .pruning import PruningReport
+from .report import PruningReport
 
 
 logger = logging.get_logger(__name__)
@@ -120,35 +121,36 @@ def _ratio(after: int, before: int) -> str:
     return f"{after / before:.1%}" if before else "-"
 
 
+def _kind_columns(report: PruningReport) -> list[tuple[GroupKind, str, dict[Any, tuple[int, int]]]]:
+    """`(kind, column title, {row: (before, after)})` for every column of every group kind of the report."""
+    _, columns = report.columns()
+    by_title = dict(columns)
+    return [
+        (kind, title, by_title[title])
+        for kind in kinds_in(report.layout_before)
+        for title, _ in kind.columns(report.layout_before)
+    ]
+
+
 def layout_table(report: PruningReport) -> str:
-    """Markdown table of the kept heads (and KV heads) and FFN rows of every layer, or of the kept channels of every
-    channel family of a convolutional network."""
-    if report.channels_before is not None:
-        rows = [
-            (f"`{name.removesuffix('.channels')}`", f"{report.channels_after[name]} / {before}")
-            for name, before in report.channels_before.items()
-        ]
-        return _markdown_table(["channels of (and tied to)", "kept"], rows)
-    gqa = report.num_key_value_heads_before is not None
-    header = ["layer", "heads kept"] + (["KV heads kept"] if gqa else []) + ["FFN rows kept"]
-    rows = []
-    for layer, (h0, h1, f0, f1) in enumerate(
-        zip(
-            report.num_attention_heads_before,
-            report.num_attention_heads_after,
-            report.intermediate_size_before,
-            report.intermediate_size_after,
-        )
-    ):
-        row = [layer, f"{h1} / {h0}"]
-        if gqa:
-            row.append(f"{report.num_key_value_heads_after[layer]} / {report.num_key_value_heads_before[layer]}")
-        rows.append(row + [f"{f1} / {f0}"])
+    """Markdown table of what every row keeps: per layer the kept heads (and KV heads) and FFN rows of a
+    transformer, per channel family the kept channels of a convolutional network (laid out by the group kinds, see
+    [`~hf_oto.group_kinds`])."""
+    columns = _kind_columns(report)
+    if not columns:
+        return ""
+    first = columns[0][0]
+    header = [first.row_header] + [kind.table_header(title) for kind, title, _ in columns]
+    rows = [
+        [first.row_label(row)] + [f"{values[row][1]} / {values[row][0]}" for _, _, values in columns]
+        for row in columns[0][2]
+    ]
     return _markdown_table(header, rows)
 
 
 def plot_layout(report: PruningReport, path: str | os.PathLike) -> Path:
-    """Draws the kept share of heads and FFN rows per layer as a bar chart (PNG) and returns its path.
+    """Draws the kept share of every group kind per row (layer, or channel family) as a bar chart (PNG) and returns
+    its path.
 
     Example:
 
@@ -162,26 +164,41 @@ def plot_layout(report: PruningReport, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if report.channels_before is not None:
-        return _plot_channels(report, Path(path), plt)
-    layers = list(range(len(report.num_attention_heads_before)))
-    heads = [a / b if b else 0 for a, b in zip(report.num_attention_heads_after, report.num_attention_heads_before)]
-    ffn = [a / b if b else 0 for a, b in zip(report.intermediate_size_after, report.intermediate_size_before)]
-    width = 0.4
-    figure, axis = plt.subplots(figsize=(max(5, 0.6 * len(layers) + 2), 3.2), dpi=120)
-    bars_heads = axis.bar([x - width / 2 for x in layers], heads, width, label="attention heads", color="#4C72B0")
-    bars_ffn = axis.bar([x + width / 2 for x in layers], ffn, width, label="FFN rows", color="#DD8452")
-    _label_bars(axis, bars_heads, report.num_attention_heads_after, fontsize=7)
-    _label_bars(axis, bars_ffn, report.intermediate_size_after, fontsize=7)
-    axis.set_xticks(layers)
-    axis.set_xlabel("layer")
+    axis_name, _ = report.columns()
+    kinds = kinds_in(report.layout_before)
+    # One bar series per kind: its first column (heads, FFN rows, channels; not the KV heads)
+    firsts = [
+        (kind, title, values)
+        for kind, title, values in _kind_columns(report)
+        if title == kind.columns(report.layout_before)[0][0]
+    ]
+    rows = list(firsts[0][2]) if firsts else []
+    positions = list(range(len(rows)))
+    per_layer = axis_name == "layer"
+    width = 0.8 / max(len(firsts), 1)
+    figure, axis = plt.subplots(figsize=(max(5, (0.6 if per_layer else 0.35) * len(rows) + 2), 3.2), dpi=120)
+    for index, (kind, _, values) in enumerate(firsts):
+        offset = (index - (len(firsts) - 1) / 2) * width
+        shares = [values[row][1] / values[row][0] if values[row][0] else 0 for row in rows]
+        bars = axis.bar(
+            [x + offset for x in positions],
+            shares,
+            width,
+            label=kind.card_label if per_layer else None,
+            color=kind.color,
+        )
+        _label_bars(axis, bars, [values[row][1] for row in rows], fontsize=7 if per_layer else 6)
+    axis.set_xticks(positions)
+    axis.set_xlabel("layer" if per_layer else "channel family (graph order)")
     axis.set_ylabel("kept share")
-    axis.set_ylim(0, 1.4)
+    axis.set_ylim(0, 1.4 if per_layer else 1.2)
+    title = "Kept per layer" if per_layer else f"Kept {' and '.join(kind.label for kind in kinds)}"
     axis.set_title(
-        f"Kept per layer\nparams {report.params_ratio:.0%}, FLOPs {report.flops_ratio:.0%} of the dense model",
+        f"{title}\nparams {report.params_ratio:.0%}, FLOPs {report.flops_ratio:.0%} of the dense model",
         fontsize=9,
     )
-    axis.legend(loc="upper center", fontsize=8, ncols=2)
+    if per_layer:
+        axis.legend(loc="upper center", fontsize=8, ncols=max(len(firsts), 1))
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,28 +217,6 @@ def _label_bars(axis, bars, counts: Sequence[int], fontsize: int) -> None:
             va="bottom",
             fontsize=fontsize,
         )
-
-
-def _plot_channels(report: PruningReport, path: Path, plt) -> Path:
-    before = list(report.channels_before.values())
-    after = [report.channels_after[name] for name in report.channels_before]
-    positions = list(range(len(before)))
-    figure, axis = plt.subplots(figsize=(max(5, 0.35 * len(before) + 2), 3.2), dpi=120)
-    bars = axis.bar(positions, [a / b if b else 0 for a, b in zip(after, before)], 0.7, color="#55A868")
-    _label_bars(axis, bars, after, fontsize=6)
-    axis.set_xticks(positions)
-    axis.set_xlabel("channel family (graph order)")
-    axis.set_ylabel("kept share")
-    axis.set_ylim(0, 1.2)
-    axis.set_title(
-        f"Kept channels\nparams {report.params_ratio:.0%}, FLOPs {report.flops_ratio:.0%} of the dense model",
-        fontsize=9,
-    )
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
 
 
 def create_model_card(
@@ -298,11 +293,12 @@ def create_model_card(
             dataset_split=eval_dataset_split,
         ),
     )
-    channels = report.channels_before is not None
-    channels_before = sum(report.channels_before.values()) if channels else 0
-    channels_after = sum(report.channels_after.values()) if channels else 0
-    heads_before, heads_after = sum(report.num_attention_heads_before), sum(report.num_attention_heads_after)
-    ffn_before, ffn_after = sum(report.intermediate_size_before), sum(report.intermediate_size_after)
+    kinds = kinds_in(report.layout_before)
+    size_rows = [
+        (kind.card_label, kind.total(report.layout_before), kind.total(report.layout_after)) for kind in kinds
+    ]
+    size_rows = [(label, before, after, _ratio(after, before)) for label, before, after in size_rows]
+    image_flops = not report.layout_before.is_transformer
     metrics_table = (
         _markdown_table(["metric", "value"], [(name, f"{value:.4g}") for name, value in metrics.items()])
         if metrics
@@ -320,11 +316,7 @@ def create_model_card(
         else "(not recorded)"
     )
     task = auto_class.replace("AutoModelFor", "")
-    groups = (
-        "convolution channels (a filter with its bias and batch-norm weight and bias, tied across residual adds)"
-        if channels
-        else "attention heads and FFN rows"
-    )
+    groups = " and ".join(kind.description for kind in kinds)
     base_model_text = f"`{base_model}`" if base_model else "the base model"
     return ModelCard.from_template(
         card_data,
@@ -346,16 +338,9 @@ def create_model_card(
         flops_after=f"{report.flops_after:,}",
         flops_ratio=_ratio(report.flops_after, report.flops_before),
         seq_length=report.seq_length,
-        channels=channels,
-        channels_before=channels_before,
-        channels_after=channels_after,
-        channels_ratio=_ratio(channels_after, channels_before),
-        heads_before=heads_before,
-        heads_after=heads_after,
-        heads_ratio=_ratio(heads_after, heads_before),
-        ffn_before=ffn_before,
-        ffn_after=ffn_after,
-        ffn_ratio=_ratio(ffn_after, ffn_before),
+        image_flops=image_flops,
+        size_rows=size_rows,
+        kept_title=f"Kept {' and '.join(kind.label for kind in kinds)} per layer",
         layout_table=layout_table(report),
         plot_file=PLOT_FILE,
         metrics_table=metrics_table,

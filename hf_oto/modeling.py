@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import logging
 
 from .atomic_folder import atomic_folder, check_replaceable
-from .pruning import apply_layout, current_layout
+from .layout import model_layout
+from .pruning import apply_layout
 
 
 logger = logging.get_logger(__name__)
@@ -39,13 +40,12 @@ def save_pruned_model(
     *,
     overwrite: bool = False,
     safe_serialization: bool = True,
-    export_onnx: bool = False,
     write_extra: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Saves a pruned model (and its tokenizer) as a normal Hugging Face folder, atomically.
 
-    The per-layer sizes the model computes are (re)read from its modules and written to `config.json` as
-    `oto_layout`; the weights go to `model.safetensors` (tensors of layers without heads keep their 0-size q/k/v
+    The layout pruning recorded in `model.config.oto_layout` (read from the modules for a model pruning did not
+    record one for) is written to `config.json`; the weights go to `model.safetensors` (tensors of layers without heads keep their 0-size q/k/v
     entries, so the state-dict keys are those of the dense model). Reload with [`load_pruned_model`].
 
     Everything is written into a temporary sibling folder that replaces `directory` only once complete (see
@@ -66,9 +66,8 @@ def save_pruned_model(
         safe_serialization (`bool`, *optional*, defaults to `True`):
             Write safetensors (else `pytorch_model.bin`). transformers 5 writes only safetensors: there, `False` logs
             a warning and `model.safetensors` is written ([`load_pruned_model`] reads both formats).
-        export_onnx (`bool`, *optional*, defaults to `False`):
-            Also export the model through Optimum into an `onnx/` subfolder that loads with `ORTModelFor*` without
-            hf_oto (needs `optimum[onnxruntime]`, the `onnx` extra).
+            Saving never exports: for an `onnx/` subfolder call [`~hf_oto.onnx.export_onnx_subfolder`] on the saved
+            folder (or `hf-oto export`).
         write_extra (`Callable[[Path], Any]`, *optional*):
             Called with the temporary folder once the model is in it, to add files that belong to the saved folder
             (e.g. a model card) before it replaces `directory`.
@@ -89,7 +88,7 @@ def save_pruned_model(
     check_replaceable(directory, overwrite=overwrite, what="pruned model")
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"save_pruned_model needs a transformers PreTrainedModel; got {type(model).__name__}.")
-    model.config.oto_layout = current_layout(model)
+    model.config.oto_layout = model_layout(model).to_dict()
     save_kwargs = {}
     if _save_pretrained_takes("safe_serialization"):
         save_kwargs["safe_serialization"] = safe_serialization
@@ -103,10 +102,6 @@ def save_pruned_model(
         model.save_pretrained(staging, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if export_onnx:
-            from .onnx import export_onnx_subfolder  # optimum is an optional dependency
-
-            export_onnx_subfolder(model, staging, tokenizer)
         if write_extra is not None:
             write_extra(staging)
     logger.info(f"Saved the pruned model to {directory} (layout {model.config.oto_layout}).")
@@ -333,3 +328,40 @@ def load_pruned_model(
     model.tie_weights()
     model.eval()
     return model
+
+
+def load_model_folder(directory: str | os.PathLike) -> PreTrainedModel:
+    """A PyTorch model from a saved folder, in eval mode: a slim model (`oto_layout` in its config) through
+    [`load_pruned_model`], a dense one through `from_pretrained`; the class is the config's `architectures[0]` (a
+    transformers class or one of hf_oto's own), else `AutoModel`.
+
+    Example:
+
+    ```python
+    >>> from hf_oto.modeling import load_model_folder
+
+    >>> model = load_model_folder("my-pruned-bert")  # doctest: +SKIP
+    ```
+    """
+    import transformers
+
+    from . import models as hf_oto_models
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ValueError(
+            f"{str(directory)!r} has no config.json: a model folder (written by `save_pretrained` or "
+            "`hf_oto.modeling.save_pruned_model`) is needed, or pass a model object."
+        )
+    config = AutoConfig.from_pretrained(directory)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = None
+    if architectures:  # a transformers class, or one of hf_oto's own (the CIFAR conv nets)
+        model_class = getattr(transformers, architectures[0], None) or getattr(hf_oto_models, architectures[0], None)
+    model_class = model_class or AutoModel
+    if getattr(config, "oto_layout", None) is not None:
+        return load_pruned_model(directory, model_class)
+    try:
+        return model_class.from_pretrained(directory).eval()
+    except OSError as error:
+        raise ValueError(f"{str(directory)!r} has a config.json but no weights that transformers can load.") from error

@@ -1,4 +1,4 @@
-"""ONNX export of slim (pruned) models through Optimum, and ONNX Runtime latency of a dense model vs its slim version.
+"""ONNX export of slim (pruned) models through Optimum.
 
 A model pruned by [`~hf_oto.pruning.prune_zero_groups`] is an ordinary transformers model whose layers compute fewer
 heads and FFN rows than `config.num_attention_heads` and `config.intermediate_size` say. Optimum's exporter traces the
@@ -11,20 +11,16 @@ folder loads with Optimum's `ORTModelFor*` classes without hf_oto:
   have one head count for all layers, taken from the config, which a pruned model no longer has.
 - [`export_onnx_subfolder`] writes the `onnx/` subfolder of a checkpoint saved by
   [`~hf_oto.modeling.save_pruned_model`].
-- [`benchmark_speedup`] measures the latency of both models with ONNX Runtime on the same inputs, interleaved, and
-  reports it next to their parameter and FLOPs counts as a [`SpeedupResult`].
+
+Exporting takes model objects and never loads folders (that is [`~hf_oto.modeling.load_model_folder`]); the latency
+benchmark that joins both is [`hf_oto.speedup.benchmark_speedup`].
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
-import statistics
-import tempfile
-import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +30,6 @@ from torch import nn
 from transformers.utils import logging
 
 from .atomic_folder import atomic_folder, check_replaceable
-from .flops import count_flops, count_parameters
 
 
 logger = logging.get_logger(__name__)
@@ -127,13 +122,13 @@ def _module_available(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 def _kv_heads_per_layer(model: nn.Module) -> list[int] | None:
     """Key/value heads each layer computes, or `None` when the model type has no hf_oto layout."""
-    from .pruning import current_layout
+    from .layout import model_layout
     from .zig.transformers import TRANSFORMER_LAYOUTS
 
     if getattr(model.config, "model_type", None) not in TRANSFORMER_LAYOUTS:
         return None
-    layout = current_layout(model)
-    return layout.get("num_key_value_heads", layout["num_attention_heads"])
+    layout = model_layout(model)
+    return list(layout.num_key_value_heads or layout.num_attention_heads)
 
 
 def resolve_task(model: nn.Module, task: str | None = None) -> str:
@@ -450,8 +445,8 @@ def _export_hf_oto_model(
 def export_onnx_subfolder(
     model: nn.Module, directory: str | os.PathLike, tokenizer: Any | None = None, **kwargs: Any
 ) -> Path:
-    """Exports `model` to the `onnx/` subfolder of a checkpoint folder (what `save_pruned_model(..., export_onnx=True)`
-    calls).
+    """Exports `model` to the `onnx/` subfolder of a checkpoint folder written by
+    [`~hf_oto.modeling.save_pruned_model`] (what `--export_onnx` of the training scripts does after saving).
 
     Args:
         model ([`~transformers.PreTrainedModel`]): The saved model.
@@ -473,440 +468,3 @@ def export_onnx_subfolder(
     """
     kwargs.setdefault("overwrite", True)
     return export_onnx(model, Path(directory) / ONNX_SUBFOLDER, tokenizer=tokenizer, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Latency benchmark
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class LatencyStats:
-    """Summary of one model's latencies, in milliseconds."""
-
-    median_ms: float
-    p10_ms: float
-    p90_ms: float
-    iqr_ms: float
-    mean_ms: float
-    min_ms: float
-    samples: int
-
-    @classmethod
-    def from_seconds(cls, times: list[float]) -> LatencyStats:
-        ms = sorted(t * 1e3 for t in times)
-        quantiles = statistics.quantiles(ms, n=20, method="inclusive") if len(ms) > 1 else [ms[0]] * 19
-        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
-        return cls(
-            median_ms=statistics.median(ms),
-            p10_ms=quantiles[1],
-            p90_ms=quantiles[17],
-            iqr_ms=q3 - q1,
-            mean_ms=statistics.fmean(ms),
-            min_ms=ms[0],
-            samples=len(ms),
-        )
-
-
-@dataclass
-class SpeedupResult:
-    """ONNX Runtime latency of a dense model and its slim version, with their sizes ([`benchmark_speedup`]).
-
-    `speedup` is median dense latency / median slim latency, `flops_ratio` is dense FLOPs / slim FLOPs (both > 1 when
-    the slim model is faster / cheaper, so they compare directly) and `efficiency` is `speedup / flops_ratio`.
-    `paired_speedup` is the median of the per-round ratios (each round runs both models back to back), which is
-    robust to drift of the machine's speed.
-    """
-
-    batch_size: int
-    seq_length: int
-    num_threads: int | None
-    warmup: int
-    repeats: int
-    dense: LatencyStats
-    slim: LatencyStats
-    dense_params: int
-    slim_params: int
-    dense_flops: int
-    slim_flops: int
-    paired_speedup: float
-    allow_spinning: bool = False
-    dense_name: str = "dense"
-    slim_name: str = "slim"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def speedup(self) -> float:
-        """Median dense latency / median slim latency."""
-        return self.dense.median_ms / self.slim.median_ms
-
-    @property
-    def flops_ratio(self) -> float:
-        """Dense FLOPs / slim FLOPs (the speedup that FLOPs alone would predict)."""
-        return self.dense_flops / self.slim_flops if self.slim_flops else math.inf
-
-    @property
-    def params_ratio(self) -> float:
-        """Slim parameters / dense parameters (the share kept)."""
-        return self.slim_params / self.dense_params if self.dense_params else 1.0
-
-    @property
-    def efficiency(self) -> float:
-        """`speedup / flops_ratio`: 1.0 when the latency falls exactly as much as the FLOPs."""
-        return self.speedup / self.flops_ratio
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of all fields and derived ratios."""
-        result = asdict(self)
-        result.update(
-            speedup=self.speedup,
-            flops_ratio=self.flops_ratio,
-            params_ratio=self.params_ratio,
-            efficiency=self.efficiency,
-        )
-        return result
-
-    def __str__(self) -> str:
-        threads = self.num_threads if self.num_threads is not None else "ORT default"
-        spinning = "on" if self.allow_spinning else "off"
-        lines = [
-            f"ONNX Runtime, batch {self.batch_size}, seq {self.seq_length}, threads {threads} (spinning {spinning}), "
-            f"{self.repeats} interleaved rounds after {self.warmup} warm-up rounds",
-            "",
-            "| model | params | GFLOPs | median ms | p10-p90 ms | IQR ms |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for name, stats, params, flops in (
-            (self.dense_name, self.dense, self.dense_params, self.dense_flops),
-            (self.slim_name, self.slim, self.slim_params, self.slim_flops),
-        ):
-            lines.append(
-                f"| {name} | {params:,} | {flops / 1e9:.3f} | {stats.median_ms:.2f} | "
-                f"{stats.p10_ms:.2f}-{stats.p90_ms:.2f} | {stats.iqr_ms:.2f} |"
-            )
-        lines += [
-            "",
-            f"speedup {self.speedup:.2f}x (paired {self.paired_speedup:.2f}x), FLOPs ratio {self.flops_ratio:.2f}x, "
-            f"speedup / FLOPs ratio {self.efficiency:.2f}, params kept {self.params_ratio:.1%}",
-        ]
-        return "\n".join(lines)
-
-
-def _load_torch_model(directory: Path) -> nn.Module:
-    """A PyTorch model from a saved folder: pruned (`oto_layout` in the config) or dense, class from `architectures`."""
-    import transformers
-    from transformers import AutoConfig, AutoModel
-
-    if not (directory / "config.json").is_file():
-        raise ValueError(
-            f"{str(directory)!r} has no config.json: benchmark_speedup needs a model folder (written by "
-            "`save_pretrained` or `hf_oto.modeling.save_pruned_model`) or a model object."
-        )
-    from . import models as hf_oto_models
-
-    config = AutoConfig.from_pretrained(directory)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = None
-    if architectures:  # a transformers class, or one of hf_oto's own (the CIFAR conv nets)
-        model_class = getattr(transformers, architectures[0], None) or getattr(hf_oto_models, architectures[0], None)
-    model_class = model_class or AutoModel
-    if getattr(config, "oto_layout", None) is not None:
-        from .modeling import load_pruned_model
-
-        return load_pruned_model(directory, model_class)
-    try:
-        return model_class.from_pretrained(directory).eval()
-    except OSError as error:
-        raise ValueError(f"{str(directory)!r} has a config.json but no weights that transformers can load.") from error
-
-
-def _prepare(
-    model_or_dir: nn.Module | str | os.PathLike,
-    workdir: Path,
-    name: str,
-    task: str | None,
-    onnx_dir: str | os.PathLike | None = None,
-    optimize: str | None = None,
-):
-    """(torch model, path of model.onnx) for a model object or a saved folder; exports into `workdir` if needed."""
-    if onnx_dir is not None:
-        onnx_path = Path(onnx_dir) / ONNX_FILE_NAME
-        if not onnx_path.is_file():
-            raise ValueError(
-                f"No {ONNX_FILE_NAME} in {str(onnx_dir)!r} (the `{name}_onnx` folder); pass a folder written by "
-                "`export_onnx`, or leave it unset to export the model."
-            )
-        model = _load_torch_model(Path(model_or_dir)) if isinstance(model_or_dir, (str, os.PathLike)) else model_or_dir
-        return model, onnx_path
-    if isinstance(model_or_dir, (str, os.PathLike)):
-        directory = Path(model_or_dir)
-        if not directory.is_dir():
-            raise ValueError(f"{str(directory)!r} is not a folder; pass a model folder or a model object.")
-        model = _load_torch_model(directory)
-        for candidate in (directory / ONNX_SUBFOLDER, directory):
-            if (candidate / ONNX_FILE_NAME).is_file():
-                return model, candidate / ONNX_FILE_NAME
-    elif isinstance(model_or_dir, nn.Module):
-        model = model_or_dir
-    else:
-        raise ValueError(
-            f"benchmark_speedup takes model objects or folders; got {type(model_or_dir).__name__} for the {name} model."
-        )
-    extra = {"optimize": optimize} if optimize is not None else {}
-    out = export_onnx(model, workdir / name, task=task, validate=False, **extra)
-    return model, out / ONNX_FILE_NAME
-
-
-def _check_positive(**values: int) -> None:
-    for key, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{key} must be a positive integer; got {value!r}.")
-
-
-def benchmark_speedup(
-    dense: nn.Module | str | os.PathLike,
-    slim: nn.Module | str | os.PathLike,
-    *,
-    batch_size: int = 1,
-    seq_length: int = 128,
-    num_threads: int | None = None,
-    warmup: int = 5,
-    repeats: int = 30,
-    task: str | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    dense_onnx: str | os.PathLike | None = None,
-    slim_onnx: str | os.PathLike | None = None,
-    optimize: str | None = None,
-    allow_spinning: bool = False,
-) -> SpeedupResult:
-    """Measures the ONNX Runtime latency of a dense model and its slim version on the same inputs, interleaved.
-
-    Both models are exported with [`export_onnx`] into a temporary folder (a folder argument with an `onnx/` subfolder
-    or a `model.onnx` is used as it is), loaded into CPU ONNX Runtime sessions with all graph optimizations, and run
-    alternately on the same random token batch: each round runs both models back to back, in alternating order, so
-    drift of the machine's speed (other processes, thermal throttling) hits both and cancels in the ratio. Parameters
-    and FLOPs are counted on the PyTorch models ([`~hf_oto.flops.count_flops`] at the same batch and length).
-
-    Args:
-        dense (`nn.Module`, `str` or `os.PathLike`):
-            The dense model, or its folder (`save_pretrained` layout).
-        slim (`nn.Module`, `str` or `os.PathLike`):
-            The slim model, or its folder (written by [`~hf_oto.modeling.save_pruned_model`]).
-        batch_size (`int`, *optional*, defaults to 1):
-            Batch size of the inputs.
-        seq_length (`int`, *optional*, defaults to 128):
-            Sequence length of the inputs.
-        num_threads (`int`, *optional*):
-            ONNX Runtime intra-op threads; ONNX Runtime's default (all cores) when `None`.
-        warmup (`int`, *optional*, defaults to 5):
-            Untimed rounds before measuring (0 allowed).
-        repeats (`int`, *optional*, defaults to 30):
-            Timed rounds; each runs both models once.
-        task (`str`, *optional*):
-            Export task for models that need exporting; inferred when `None`.
-        seed (`int`, *optional*, defaults to 0):
-            Seed of the random token ids.
-        progress (`bool`, *optional*, defaults to `True`):
-            Show a tqdm progress bar.
-        dense_onnx (`str` or `os.PathLike`, *optional*):
-            A folder with an existing [`export_onnx`] export of `dense` to time instead of exporting it again
-            (useful when one dense model is compared with several slim ones).
-        slim_onnx (`str` or `os.PathLike`, *optional*):
-            The same for `slim`.
-        optimize (`str`, *optional*):
-            Optimum's ONNX Runtime optimization level (`"O1"` to `"O3"`) for the models this function exports, e.g.
-            `"O2"` for fused attention and GELU kernels. Fused attention handles per-layer head counts: ONNX Runtime
-            reads each layer's heads from its weights when they disagree with the config.
-        allow_spinning (`bool`, *optional*, defaults to `False`):
-            Let ONNX Runtime's intra-op threads spin between operators (its own default is `True`). Spinning threads
-            compete for the cores with everything else on the machine and each operator waits for the slowest
-            thread, a fixed cost per operator that penalises the slim model (the same operators, each cheaper): on a
-            shared 2-core machine it cut the measured speedup of a 67%-pruned BERT-base from ~3.2x to ~2.3x. Turn it
-            on to measure ORT's default configuration on a dedicated machine.
-
-    Returns:
-        [`SpeedupResult`]: latencies, speedup, parameters and FLOPs of both models; `str()` gives a markdown table and
-        `to_dict()` a JSON-ready dict.
-
-    Example:
-
-    ```python
-    >>> from hf_oto.onnx import benchmark_speedup
-
-    >>> result = benchmark_speedup(dense_model, slim_model, batch_size=1, seq_length=128, repeats=20)  # doctest: +SKIP
-    >>> print(result)  # doctest: +SKIP
-    >>> result.speedup, result.flops_ratio  # doctest: +SKIP
-    ```
-    """
-    _check_positive(batch_size=batch_size, seq_length=seq_length, repeats=repeats)
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative integer; got {warmup!r}.")
-    if num_threads is not None:
-        _check_positive(num_threads=num_threads)
-    _require_optimum()
-    from tqdm.auto import tqdm
-
-    with tempfile.TemporaryDirectory(prefix="hf_oto_onnx_") as tmp:
-        workdir = Path(tmp)
-        dense_model, dense_path = _prepare(dense, workdir, "dense", task, dense_onnx, optimize)
-        slim_model, slim_path = _prepare(slim, workdir, "slim", task, slim_onnx, optimize)
-        max_positions = getattr(dense_model.config, "max_position_embeddings", None)
-        if max_positions is not None and seq_length > max_positions:
-            raise ValueError(
-                f"seq_length={seq_length} exceeds the model's max_position_embeddings={max_positions}; pass a "
-                "shorter seq_length."
-            )
-        sessions = {
-            key: _session(path, num_threads, allow_spinning)
-            for key, path in (("dense", dense_path), ("slim", slim_path))
-        }
-        # A slim graph may lack inputs that no kept operator reads (e.g. `attention_mask` when no layer keeps heads),
-        # so each session gets its own inputs out of one shared batch.
-        input_names = {key: [i.name for i in s.get_inputs()] for key, s in sessions.items()}
-        all_names = sorted({*input_names["dense"], *input_names["slim"]})
-        batch = _dummy_feed(all_names, dense_model.config, batch_size, seq_length, seed=seed, pad=False)
-        feeds = {key: {name: batch[name] for name in names} for key, names in input_names.items()}
-        times: dict[str, list[float]] = {"dense": [], "slim": []}
-        shape = f"s{seq_length}" if "input_ids" in all_names else "image"  # image models have no sequence length
-        rounds = tqdm(
-            range(warmup + repeats), desc=f"ORT latency b{batch_size} {shape}", disable=not progress, leave=False
-        )
-        for round_index in rounds:
-            order = ("dense", "slim") if round_index % 2 == 0 else ("slim", "dense")
-            for key in order:
-                start = time.perf_counter()
-                sessions[key].run(None, feeds[key])
-                elapsed = time.perf_counter() - start
-                if round_index >= warmup:
-                    times[key].append(elapsed)
-        del sessions
-    pair_ratios = [d / s for d, s in zip(times["dense"], times["slim"])]
-    result = SpeedupResult(
-        batch_size=batch_size,
-        seq_length=seq_length,
-        num_threads=num_threads,
-        warmup=warmup,
-        repeats=repeats,
-        dense=LatencyStats.from_seconds(times["dense"]),
-        slim=LatencyStats.from_seconds(times["slim"]),
-        dense_params=count_parameters(dense_model),
-        slim_params=count_parameters(slim_model),
-        dense_flops=count_flops(dense_model, seq_length=seq_length, batch_size=batch_size),
-        slim_flops=count_flops(slim_model, seq_length=seq_length, batch_size=batch_size),
-        paired_speedup=statistics.median(pair_ratios),
-        allow_spinning=allow_spinning,
-    )
-    logger.info(f"\n{result}")
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# In the training workflow
-# ----------------------------------------------------------------------------------------------------------------
-class OnnxExportError(RuntimeError):
-    """A step of [`onnx_workflow`] (the `--export_onnx` / `--benchmark_speedup` tail of a training script) failed.
-
-    Args:
-        message (`str`): What failed, and how to redo it.
-        stage (`str`): `"export"` or `"benchmark"`.
-        results (`dict`, *optional*): The figures of the steps that succeeded (e.g. `onnx_dir` when only the benchmark
-            failed).
-
-    Example:
-
-    ```python
-    >>> from hf_oto.onnx import OnnxExportError
-
-    >>> try:
-    ...     onnx_workflow(slim, "out/pruned")  # doctest: +SKIP
-    ... except OnnxExportError as error:
-    ...     print(error.stage, error)
-    ```
-    """
-
-    def __init__(self, message: str, *, stage: str, results: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.stage = stage
-        self.results = dict(results or {})
-
-
-def onnx_workflow(
-    slim: nn.Module,
-    pruned_dir: str | os.PathLike,
-    *,
-    dense: nn.Module | None = None,
-    tokenizer: Any | None = None,
-    export: bool = True,
-    batch_size: int = 1,
-    seq_length: int = 128,
-    repeats: int = 30,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """What the `--export_onnx` / `--benchmark_speedup` flags of the training scripts do after saving the slim model.
-
-    Exports `slim` to `pruned_dir/onnx` (when `export`), and, when `dense` (the full-size group-sparse model, kept
-    before pruning) is given, measures the ONNX Runtime speedup of the slim model over it with [`benchmark_speedup`].
-
-    Returns:
-        `tuple[dict, dict | None]`: flat figures for `all_results.json` (`onnx_dir`, `onnx_speedup`,
-        `onnx_latency_dense_ms`, ...), and the speedup summary for the model card (`None` without a benchmark).
-
-    Raises:
-        [`OnnxExportError`] when the export or the benchmark fails (the original error is its `__cause__`); the export
-        is atomic, so a failed export leaves no `onnx/` subfolder behind.
-
-    Example:
-
-    ```python
-    >>> results, card_speedup = onnx_workflow(slim, "out/pruned", dense=dense_copy, tokenizer=tokenizer)  # doctest: +SKIP
-    >>> results["onnx_speedup"]  # doctest: +SKIP
-    1.83
-    ```
-    """
-    results: dict[str, Any] = {}
-    onnx_dir = None
-    if export:
-        try:
-            onnx_dir = export_onnx_subfolder(slim, pruned_dir, tokenizer)
-        except Exception as error:
-            raise OnnxExportError(
-                f"The ONNX export of the slim {type(slim).__name__} to {Path(pruned_dir) / ONNX_SUBFOLDER} failed "
-                f"({type(error).__name__}: {error})",
-                stage="export",
-            ) from error
-        results["onnx_dir"] = str(onnx_dir)
-    if dense is None:
-        return results, None
-    try:
-        measured = benchmark_speedup(
-            dense, slim, batch_size=batch_size, seq_length=seq_length, repeats=repeats, slim_onnx=onnx_dir
-        )
-    except Exception as error:
-        raise OnnxExportError(
-            f"The ONNX Runtime speedup benchmark of the slim {type(slim).__name__} failed ({type(error).__name__}: "
-            f"{error})",
-            stage="benchmark",
-            results=results,
-        ) from error
-    results.update(
-        onnx_speedup=measured.speedup,
-        onnx_latency_dense_ms=measured.dense.median_ms,
-        onnx_latency_slim_ms=measured.slim.median_ms,
-        onnx_flops_ratio=measured.flops_ratio,
-        onnx_benchmark_batch_size=batch_size,
-    )
-    if getattr(slim, "main_input_name", None) == "pixel_values":
-        height, width = _image_size(slim.config)
-        results["onnx_benchmark_image_size"] = [height, width]
-        shape = ("batch size x image size", f"{batch_size} x {height} x {width}")
-    else:
-        results["onnx_benchmark_seq_length"] = seq_length
-        shape = ("batch size x sequence length", f"{batch_size} x {seq_length}")
-    card = {
-        "ONNX Runtime speedup (median latency, dense / slim)": f"{measured.speedup:.2f}x",
-        "dense latency (median)": f"{measured.dense.median_ms:.2f} ms",
-        "slim latency (median)": f"{measured.slim.median_ms:.2f} ms",
-        "FLOPs ratio (dense / slim)": f"{measured.flops_ratio:.2f}x",
-        shape[0]: shape[1],
-        "threads": str(measured.num_threads if measured.num_threads is not None else "ORT default"),
-        "timed rounds": str(repeats),
-    }
-    return results, card

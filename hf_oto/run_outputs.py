@@ -127,12 +127,12 @@ def finish_run_outputs(
     A failed export or benchmark never loses the run: `all_results.json` is written before the export starts and
     again after it, with the error under `onnx_export_error` (or `onnx_benchmark_error`, the export being kept), and
     the slim folder stays as saved (the export is atomic, so no half `onnx/` subfolder is left). The failure is then
-    raised as an [`~hf_oto.onnx.OnnxExportError`] whose message says where the model and results are and how to
+    raised as an [`OnnxExportError`] whose message says where the model and results are and how to
     export again; the scripts exit with status 1 and that message (a run asked for an export it did not get), before
     `--push_to_hub`.
 
     Raises:
-        [`~hf_oto.onnx.OnnxExportError`] when the export or the benchmark failed, after writing everything else.
+        [`OnnxExportError`] when the export or the benchmark failed, after writing everything else.
 
     Example:
 
@@ -142,8 +142,6 @@ def finish_run_outputs(
     """
     results["pruned_model_dir"] = relative_path(pruned_dir, output_dir)
     if export_onnx or dense_reference is not None:
-        from .onnx import OnnxExportError, onnx_workflow
-
         if is_main_process:  # first: whatever happens in the export, the run's figures are on disk
             write_all_results(results, output_dir)
         try:
@@ -180,8 +178,6 @@ def _record_onnx_failure(
     is_main_process: bool,
 ) -> Exception:
     """Records a failed ONNX step in `results` and `all_results.json`; returns the error to raise."""
-    from .onnx import OnnxExportError
-
     stage = getattr(error, "stage", "export")
     results.update(getattr(error, "results", {}))
     if results.get("onnx_dir"):  # the export succeeded, the benchmark failed
@@ -320,3 +316,123 @@ def sparsity_results(zigs, *, by_family: bool = True) -> dict[str, Any]:
         "zero_groups": zigs.num_zero_groups(),
         "num_groups": len(zigs),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ONNX export and speedup after saving
+# ----------------------------------------------------------------------------------------------------------------
+class OnnxExportError(RuntimeError):
+    """A step of [`onnx_workflow`] (the `--export_onnx` / `--benchmark_speedup` tail of a training script) failed.
+
+    Args:
+        message (`str`): What failed, and how to redo it.
+        stage (`str`): `"export"` or `"benchmark"`.
+        results (`dict`, *optional*): The figures of the steps that succeeded (e.g. `onnx_dir` when only the benchmark
+            failed).
+
+    Example:
+
+    ```python
+    >>> from hf_oto.run_outputs import OnnxExportError
+
+    >>> try:
+    ...     onnx_workflow(slim, "out/pruned")  # doctest: +SKIP
+    ... except OnnxExportError as error:
+    ...     print(error.stage, error)
+    ```
+    """
+
+    def __init__(self, message: str, *, stage: str, results: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.stage = stage
+        self.results = dict(results or {})
+
+
+def onnx_workflow(
+    slim: nn.Module,
+    pruned_dir: str | os.PathLike,
+    *,
+    dense: nn.Module | None = None,
+    tokenizer: Any | None = None,
+    export: bool = True,
+    batch_size: int = 1,
+    seq_length: int = 128,
+    repeats: int = 30,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What the `--export_onnx` / `--benchmark_speedup` flags of the training scripts do after saving the slim model.
+
+    Exports `slim` to `pruned_dir/onnx` (when `export`), and, when `dense` (the full-size group-sparse model, kept
+    before pruning) is given, measures the ONNX Runtime speedup of the slim model over it with
+    [`~hf_oto.speedup.benchmark_speedup`].
+
+    Returns:
+        `tuple[dict, dict | None]`: flat figures for `all_results.json` (`onnx_dir`, `onnx_speedup`,
+        `onnx_latency_dense_ms`, ...), and the speedup summary for the model card (`None` without a benchmark).
+
+    Raises:
+        [`OnnxExportError`] when the export or the benchmark fails (the original error is its `__cause__`); the export
+        is atomic, so a failed export leaves no `onnx/` subfolder behind.
+
+    Example:
+
+    ```python
+    >>> results, card_speedup = onnx_workflow(slim, "out/pruned", dense=dense_copy, tokenizer=tokenizer)  # doctest: +SKIP
+    >>> results["onnx_speedup"]  # doctest: +SKIP
+    1.83
+    ```
+    """
+    results: dict[str, Any] = {}
+    onnx_dir = None
+    if export:
+        try:
+            from .onnx import export_onnx_subfolder  # optimum is an optional dependency
+
+            onnx_dir = export_onnx_subfolder(slim, pruned_dir, tokenizer)
+        except Exception as error:
+            raise OnnxExportError(
+                f"The ONNX export of the slim {type(slim).__name__} to {Path(pruned_dir) / 'onnx'} failed "
+                f"({type(error).__name__}: {error})",
+                stage="export",
+            ) from error
+        results["onnx_dir"] = str(onnx_dir)
+    if dense is None:
+        return results, None
+    try:
+        from . import speedup
+
+        measured = speedup.benchmark_speedup(
+            dense, slim, batch_size=batch_size, seq_length=seq_length, repeats=repeats, slim_onnx=onnx_dir
+        )
+    except Exception as error:
+        raise OnnxExportError(
+            f"The ONNX Runtime speedup benchmark of the slim {type(slim).__name__} failed ({type(error).__name__}: "
+            f"{error})",
+            stage="benchmark",
+            results=results,
+        ) from error
+    results.update(
+        onnx_speedup=measured.speedup,
+        onnx_latency_dense_ms=measured.dense.median_ms,
+        onnx_latency_slim_ms=measured.slim.median_ms,
+        onnx_flops_ratio=measured.flops_ratio,
+        onnx_benchmark_batch_size=batch_size,
+    )
+    if getattr(slim, "main_input_name", None) == "pixel_values":
+        from .onnx import _image_size
+
+        height, width = _image_size(slim.config)
+        results["onnx_benchmark_image_size"] = [height, width]
+        shape = ("batch size x image size", f"{batch_size} x {height} x {width}")
+    else:
+        results["onnx_benchmark_seq_length"] = seq_length
+        shape = ("batch size x sequence length", f"{batch_size} x {seq_length}")
+    card = {
+        "ONNX Runtime speedup (median latency, dense / slim)": f"{measured.speedup:.2f}x",
+        "dense latency (median)": f"{measured.dense.median_ms:.2f} ms",
+        "slim latency (median)": f"{measured.slim.median_ms:.2f} ms",
+        "FLOPs ratio (dense / slim)": f"{measured.flops_ratio:.2f}x",
+        shape[0]: shape[1],
+        "threads": str(measured.num_threads if measured.num_threads is not None else "ORT default"),
+        "timed rounds": str(repeats),
+    }
+    return results, card

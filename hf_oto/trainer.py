@@ -716,7 +716,7 @@ def prune_and_check(
     >>> slim, report, difference = prune_and_check(model, zigs, tokenizer(["a test"], return_tensors="pt"))
     ```
     """
-    from .pruning import prune_zero_groups
+    from .report import prune_and_measure
 
     if atol is None:
         atol = default_pruning_atol(model)
@@ -725,7 +725,7 @@ def prune_and_check(
     model.eval()
     with torch.no_grad():
         reference = model(**batch)
-    slim, report = prune_zero_groups(model, zigs, seq_length=seq_length, inplace=True)
+    slim, report = prune_and_measure(model, zigs, seq_length=seq_length, inplace=True)
     slim.eval()
     with torch.no_grad():
         outputs = slim(**batch)

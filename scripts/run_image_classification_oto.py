@@ -58,10 +58,10 @@ from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_paramete
 from hf_oto.data.images import ImagePreprocessor, channel_statistics, load_idx_dataset
 from hf_oto.image_processing import OTOImageProcessor
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
-from hf_oto.onnx import OnnxExportError
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
 from hf_oto.run_outputs import (
+    OnnxExportError,
     OTORunOutputArguments,
     card_metadata,
     parse_script_arguments,

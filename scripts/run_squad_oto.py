@@ -47,10 +47,10 @@ from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
 from hf_oto.flops import clamp_flops_seq_length
-from hf_oto.onnx import OnnxExportError
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
 from hf_oto.run_outputs import (
+    OnnxExportError,
     OTORunOutputArguments,
     card_metadata,
     parse_script_arguments,

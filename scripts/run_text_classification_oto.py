@@ -67,10 +67,15 @@ from hf_oto.data.text_classification import (  # noqa: F401  (build_label_list, 
     tokenize_splits,
 )
 from hf_oto.flops import clamp_flops_seq_length
-from hf_oto.onnx import OnnxExportError
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
-from hf_oto.run_outputs import card_metadata, parse_script_arguments, sparsity_results, write_run_outputs
+from hf_oto.run_outputs import (
+    OnnxExportError,
+    card_metadata,
+    parse_script_arguments,
+    sparsity_results,
+    write_run_outputs,
+)
 
 
 logger = logging.get_logger("hf_oto.run_text_classification_oto")

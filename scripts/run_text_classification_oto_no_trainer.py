@@ -89,10 +89,10 @@ from hf_oto.distributed import check_distributed_support
 from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.hub import push_pruned_model
 from hf_oto.model_card import write_model_card
-from hf_oto.onnx import OnnxExportError
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
 from hf_oto.run_outputs import (
+    OnnxExportError,
     card_metadata,
     eval_metrics,
     finish_run_outputs,

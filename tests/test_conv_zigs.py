@@ -13,6 +13,7 @@ from transformers import AutoModelForImageClassification, ResNetForImageClassifi
 from hf_oto import build_zigs, load_pruned_model, save_pruned_model
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
 from hf_oto.pruning import apply_layout, current_layout, prune_zero_groups
+from hf_oto.report import prune_and_measure
 from hf_oto.zig import conv
 from hf_oto.zig.conv import ChannelAdapter, channel_families, register_channel_adapter
 
@@ -77,7 +78,7 @@ def test_slim_convnet_equals_group_sparse_model(name, pattern, channel_penalty):
     pixels = images(model)
     with torch.no_grad():
         reference = logits(model, pixels)
-    slim, report = prune_zero_groups(model, zigs, inplace=False)
+    slim, report = prune_and_measure(model, zigs, inplace=False)
     with torch.no_grad():
         pruned = logits(slim, pixels)
     assert pruned.shape == reference.shape
@@ -100,7 +101,7 @@ def test_full_size_vgg16_bn_and_resnet50_prune_exactly(config):
     pixels = images(model, batch=2)
     with torch.no_grad():
         reference = logits(model, pixels)
-        slim, report = prune_zero_groups(model, zigs)
+        slim, report = prune_and_measure(model, zigs)
         pruned = logits(slim, pixels)
     assert (pruned - reference).abs().max().item() <= TOLERANCE
     assert report.flops_ratio < 0.5
@@ -285,7 +286,7 @@ def test_timm_models_prune_exactly():
         pixels = torch.randn(2, 3, 64, 64)
         with torch.no_grad():
             reference = model(pixels)
-            slim, _ = prune_zero_groups(model, zigs, flops_inputs={"x": pixels[:1]})
+            slim, _ = prune_and_measure(model, zigs, flops_inputs={"x": pixels[:1]})
             assert (slim(pixels) - reference).abs().max().item() <= TOLERANCE
 
 
@@ -670,7 +671,7 @@ def test_timm_style_layers_prune_exactly(pattern):
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         reference = model(pixels)
-        slim, report = prune_zero_groups(model, zigs, inplace=False)
+        slim, report = prune_and_measure(model, zigs, inplace=False)
         assert (slim(pixels) - reference).abs().max().item() <= TOLERANCE
     _assert_sizes_match_weights(slim)
     assert report.params_after < report.params_before

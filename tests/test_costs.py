@@ -7,7 +7,7 @@ import torch
 from hf_oto import build_zigs
 from hf_oto.costs import GroupCosts, removed_counts
 from hf_oto.flops import count_flops, count_parameters
-from hf_oto.pruning import prune_zero_groups
+from hf_oto.report import prune_and_measure
 
 from .test_pruning import SEQ, sparse_masks
 from .tiny_convnets import (
@@ -28,7 +28,7 @@ def check_costs(model, zigs, masks, seq_length=SEQ):
     assert costs.params([0] * len(zigs.families)) == count_parameters(model)
     zigs.set_zero(masks)
     removed = removed_counts(zigs.family_zero_masks(), costs.family_names)
-    slim, _ = prune_zero_groups(model, zigs, seq_length=seq_length)
+    slim, _ = prune_and_measure(model, zigs, seq_length=seq_length)
     assert costs.flops(removed) == pytest.approx(count_flops(slim, seq_length=seq_length), rel=1e-9, abs=1e-6)
     assert costs.params(removed) == pytest.approx(count_parameters(slim), rel=1e-9, abs=1e-6)
     return costs

@@ -15,6 +15,7 @@ from hf_oto.flops import count_flops, count_parameters
 from hf_oto.optim import HSPG, PruningTarget
 from hf_oto.optim.target import Schedule, parse_kind_caps
 from hf_oto.pruning import prune_zero_groups
+from hf_oto.report import prune_and_measure
 from tests.test_hspg import lm_loss, single_thread, train  # noqa: F401 (single_thread: autouse fixture)
 from tests.tiny_convnets import images, tiny_vgg
 from tests.tiny_models import tiny_inputs, tiny_model
@@ -65,7 +66,7 @@ def test_target_is_reached_with_exact_zeros_and_exact_pruning(name, variant):
     inputs = tiny_inputs(model, batch_size=3, seq_length=SEQ, seed=11)
     with torch.no_grad():
         reference = model(**inputs).logits
-    slim, report = prune_zero_groups(model, zigs, seq_length=SEQ)
+    slim, report = prune_and_measure(model, zigs, seq_length=SEQ)
     with torch.no_grad():
         torch.testing.assert_close(slim(**inputs).logits, reference, rtol=0, atol=1e-5)
     assert count_flops(slim, seq_length=SEQ) / dense_flops == pytest.approx(kept["flops"], abs=1e-9)
@@ -78,7 +79,7 @@ def test_parameter_target_and_both_targets():
     train(model, optimizer, steps=12)
     kept = optimizer.kept_fraction()
     assert kept["flops"] <= 0.7 + 1e-9 and kept["params"] <= 0.8 + 1e-9
-    slim, _ = prune_zero_groups(model.eval(), zigs, seq_length=SEQ)
+    slim, _ = prune_and_measure(model.eval(), zigs, seq_length=SEQ)
     assert count_parameters(slim) / optimizer._selection.costs.dense["params"] == pytest.approx(kept["params"])
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from hf_oto import build_zigs, prune_zero_groups, save_pruned_model
+from hf_oto import build_zigs, prune_and_measure, save_pruned_model
 from hf_oto.hub import push_pruned_model
 from hf_oto.model_card import write_model_card
 
@@ -17,7 +17,7 @@ def test_push_uploads_the_folder_once_and_points_the_card_at_the_repo(tmp_path):
     model = tiny_model("bert")
     zigs = build_zigs(model)
     zigs.set_zero(zigs.random_zero_mask(0.5, generator=torch.Generator().manual_seed(0)))
-    slim, report = prune_zero_groups(model, zigs, seq_length=16)
+    slim, report = prune_and_measure(model, zigs, seq_length=16)
     folder = save_pruned_model(slim, tmp_path / "slim", write_extra=lambda staging: write_model_card(staging, report))
     (folder / "_hf_oto_run.lock").write_text("{}")
     (folder / ".cache").mkdir()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from hf_oto import HSPG, OTOTrainingArguments, build_zigs, load_pruned_model, prune_zero_groups, save_pruned_model
+from hf_oto import HSPG, OTOTrainingArguments, build_zigs, load_pruned_model, prune_and_measure, save_pruned_model
 
 from .test_hspg import lm_loss
 from .test_run_text_classification import load_script, reviews, write_csv
@@ -37,7 +37,7 @@ def test_every_group_of_a_layer_excluded_keeps_that_layer_whole(one_thread):
     inputs = tiny_inputs(model)
     with torch.no_grad():
         expected = model(**inputs).logits
-    slim, report = prune_zero_groups(model, zigs, seq_length=16, inplace=True)
+    slim, report = prune_and_measure(model, zigs, seq_length=16, inplace=True)
     assert report.num_attention_heads_after[0] == 4 and report.intermediate_size_after[0] == 37
     assert report.intermediate_size_after[1] < 37 or report.intermediate_size_after[2] < 37
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_truncated_or_corrupt_weights_fail_loudly(tmp_path, damage, expected_err
     model = tiny_model("bert")
     zigs = build_zigs(model)
     zigs.set_zero(zigs.random_zero_mask(0.3, generator=torch.Generator().manual_seed(0)))
-    slim, _ = prune_zero_groups(model, zigs, seq_length=16)
+    slim, _ = prune_and_measure(model, zigs, seq_length=16)
     save_pruned_model(slim, tmp_path)
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
@@ -110,7 +110,7 @@ def test_from_pretrained_forced_with_ignore_mismatched_sizes_is_another_model(tm
     model = tiny_model("bert")
     zigs = build_zigs(model)
     zigs.set_zero(zigs.random_zero_mask(0.3, generator=torch.Generator().manual_seed(0)))
-    slim, _ = prune_zero_groups(model, zigs, seq_length=16)
+    slim, _ = prune_and_measure(model, zigs, seq_length=16)
     save_pruned_model(slim, tmp_path)
     with CaptureLogger(logging.get_logger("transformers.modeling_utils")) as captured:
         forced = AutoModelForSequenceClassification.from_pretrained(tmp_path, ignore_mismatched_sizes=True)

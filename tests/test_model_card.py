@@ -5,7 +5,7 @@ import yaml
 
 from hf_oto import build_zigs
 from hf_oto.model_card import PLOT_FILE, write_model_card
-from hf_oto.pruning import prune_zero_groups
+from hf_oto.report import prune_and_measure
 
 from .tiny_models import tiny_model
 
@@ -14,7 +14,7 @@ def _pruned_report(name: str):
     model = tiny_model(name)
     zigs = build_zigs(model)
     zigs.set_zero(zigs.random_zero_mask(0.5, generator=torch.Generator().manual_seed(0)))
-    _, report = prune_zero_groups(model, zigs, seq_length=32)
+    _, report = prune_and_measure(model, zigs, seq_length=32)
     return report
 
 
@@ -133,7 +133,7 @@ def test_image_card_loads_with_the_image_processor(tmp_path):
     model = tiny_vgg()
     zigs = build_zigs(model)
     zigs.set_zero(zigs.random_zero_mask(0.3, generator=torch.Generator().manual_seed(0)))
-    _, report = prune_zero_groups(model, zigs)
+    _, report = prune_and_measure(model, zigs)
     text = write_model_card(
         tmp_path, report, auto_class="AutoModelForImageClassification", metrics={"eval_accuracy": 0.5}, has_onnx=True
     ).read_text()

@@ -15,7 +15,8 @@ from transformers import (
 
 from hf_oto import build_zigs
 from hf_oto.modeling import _save_pretrained_takes, load_pruned_model, save_pruned_model
-from hf_oto.pruning import PrunedAttention, prune_zero_groups
+from hf_oto.pruning import PrunedAttention
+from hf_oto.report import prune_and_measure
 
 from .test_pruning import SEQ, main_output, run, sparse_masks
 from .tiny_models import FROM_PRETRAINED_SIZE_ERROR, TINY_MODEL_FACTORIES, tiny_inputs, tiny_model
@@ -36,7 +37,7 @@ def pruned(name, seed=0, **kwargs):
     model = tiny_model(name)
     zigs = build_zigs(model)
     zigs.set_zero(sparse_masks(zigs, seed=seed, **kwargs))
-    slim, _ = prune_zero_groups(model, zigs, seq_length=SEQ)
+    slim, _ = prune_and_measure(model, zigs, seq_length=SEQ)
     return slim
 
 
@@ -91,7 +92,7 @@ def test_zero_size_tensors_are_kept_and_plain_from_pretrained_fails(tmp_path):
     model = tiny_model("bert")
     zigs = build_zigs(model, families=("heads",))
     zigs.set_zero({f.name: torch.full((f.num_groups,), f.layer == 0) for f in zigs})
-    slim, _ = prune_zero_groups(model, zigs, seq_length=SEQ)
+    slim, _ = prune_and_measure(model, zigs, seq_length=SEQ)
     save_pruned_model(slim, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as file:
         assert file.get_slice("bert.encoder.layer.0.attention.self.query.weight").get_shape() == [0, 32]

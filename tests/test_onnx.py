@@ -16,13 +16,13 @@ from hf_oto import build_zigs  # noqa: E402
 from hf_oto.flops import count_flops, count_parameters  # noqa: E402
 from hf_oto.onnx import (  # noqa: E402
     ORT_MODEL_CLASSES,
-    SpeedupResult,
-    benchmark_speedup,
     export_onnx,
     export_onnx_subfolder,
     resolve_task,
 )
 from hf_oto.pruning import prune_zero_groups  # noqa: E402
+from hf_oto.report import prune_and_measure  # noqa: E402
+from hf_oto.speedup import SpeedupResult, benchmark_speedup  # noqa: E402
 
 from .tiny_models import tiny_inputs, tiny_model  # noqa: E402
 
@@ -38,7 +38,7 @@ def _slim(name: str, *, empty_heads_layer: int | None = 1, empty_ffn_layer: int 
         ):
             mask[offset : offset + family.num_groups] = True
     zigs.set_zero(mask)
-    slim, _ = prune_zero_groups(model, zigs, seq_length=8, inplace=False)
+    slim, _ = prune_and_measure(model, zigs, seq_length=8, inplace=False)
     return model.eval(), slim.eval()
 
 
@@ -107,10 +107,12 @@ def test_save_pruned_model_with_onnx_subfolder(tmp_path):
 
     from hf_oto.modeling import save_pruned_model
 
-    if "export_onnx" not in inspect.signature(save_pruned_model).parameters:
-        pytest.skip("save_pruned_model has no export_onnx argument yet")
+    # Saving never exports (no optimum in the save path); the export goes into the saved folder's onnx/ subfolder.
+    assert "export_onnx" not in inspect.signature(save_pruned_model).parameters
     _, slim = _slim("bert")
-    save_pruned_model(slim, tmp_path, export_onnx=True)
+    save_pruned_model(slim, tmp_path)
+    assert not (tmp_path / "onnx").exists()
+    export_onnx_subfolder(slim, tmp_path)
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "onnx" / "model.onnx").is_file()
     _ort_outputs_match(slim, tmp_path / "onnx", "text-classification")
 

@@ -17,7 +17,7 @@ from transformers import (
     pipeline,
 )
 
-from hf_oto import OTOImageProcessor, build_zigs, load_pruned_model, prune_zero_groups, save_pruned_model
+from hf_oto import OTOImageProcessor, build_zigs, load_pruned_model, prune_and_measure, save_pruned_model
 from hf_oto.data.images import ImagePreprocessor
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
 
@@ -35,7 +35,7 @@ def tokenizer(tmp_path_factory):
 def _slim(model, fraction=0.4):
     zigs = build_zigs(model)
     zigs.set_zero(zigs.random_zero_mask(fraction, generator=torch.Generator().manual_seed(0)))
-    slim, report = prune_zero_groups(
+    slim, report = prune_and_measure(
         model.eval(), zigs, **({"seq_length": 16} if hasattr(model.config, "vocab_size") else {})
     )
     assert report.params_after < report.params_before

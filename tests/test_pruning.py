@@ -11,7 +11,8 @@ from transformers import BertConfig, BertModel, PretrainedConfig
 
 from hf_oto import build_zigs
 from hf_oto.flops import count_flops, count_parameters
-from hf_oto.pruning import PrunedAttention, PruningReport, apply_layout, current_layout, prune_zero_groups
+from hf_oto.pruning import PrunedAttention, PruningReport, apply_layout, current_layout
+from hf_oto.report import prune_and_measure
 
 from .tiny_models import TINY_MODEL_FACTORIES, tiny_inputs, tiny_model
 
@@ -68,7 +69,7 @@ def test_slim_model_equals_group_sparse_model(name):
     params_before = count_parameters(model)
     removed = expected_removed(zigs, masks)
 
-    slim, report = prune_zero_groups(model, zigs, seq_length=SEQ, inplace=False)
+    slim, report = prune_and_measure(model, zigs, seq_length=SEQ, inplace=False)
 
     torch.testing.assert_close(run(slim, inputs), reference, atol=1e-5, rtol=1e-5)
     assert count_parameters(model) == params_before, "inplace=False must leave the model untouched"
@@ -117,7 +118,7 @@ def test_gqa_partial_patterns(name):
         zigs.set_zero(masks)
         inputs = tiny_inputs(model)
         reference = run(model, inputs)
-        slim, report = prune_zero_groups(model, zigs, seq_length=SEQ)
+        slim, report = prune_and_measure(model, zigs, seq_length=SEQ)
         torch.testing.assert_close(run(slim, inputs), reference, atol=1e-5, rtol=1e-5)
         head_dim = model.config.hidden_size // model.config.num_attention_heads
         for layer, family in zip(slim.model.layers, zigs.families):
@@ -138,7 +139,7 @@ def test_generate_with_a_layer_without_heads(name):
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         reference = model.generate(input_ids, **kwargs)
-        slim, _ = prune_zero_groups(model, zigs, seq_length=SEQ, inplace=False)
+        slim, _ = prune_and_measure(model, zigs, seq_length=SEQ, inplace=False)
         generated = slim.generate(input_ids, **kwargs)
     assert isinstance(slim.model.layers[0].self_attn, PrunedAttention)
     assert generated.shape == (1, input_ids.shape[1] + 6)
@@ -179,7 +180,7 @@ def test_output_attentions_with_a_layer_without_heads(name):
     inputs = tiny_inputs(model)
     with torch.no_grad():
         dense = model(**inputs, output_attentions=True)
-    slim, _ = prune_zero_groups(model, zigs, seq_length=SEQ, inplace=False)
+    slim, _ = prune_and_measure(model, zigs, seq_length=SEQ, inplace=False)
     with torch.no_grad():
         outputs = slim(**inputs, output_attentions=True)
     torch.testing.assert_close(main_output(outputs), main_output(dense), atol=1e-5, rtol=1e-5)
@@ -200,7 +201,7 @@ def test_output_attentions_recorded_before_pruning_still_cover_every_layer():
     inputs = tiny_inputs(model)
     with torch.no_grad():
         model(**inputs, output_attentions=True)
-        prune_zero_groups(model, zigs, seq_length=SEQ)
+        prune_and_measure(model, zigs, seq_length=SEQ)
         outputs = model(**inputs, output_attentions=True)
     heads = model.config.oto_layout["num_attention_heads"]
     assert [a.shape[1] for a in outputs.attentions] == heads
@@ -213,7 +214,7 @@ def test_slim_model_trains():
     model = tiny_model("bert")
     zigs = build_zigs(model)
     zigs.set_zero(sparse_masks(zigs))
-    slim, _ = prune_zero_groups(model, zigs, seq_length=SEQ)
+    slim, _ = prune_and_measure(model, zigs, seq_length=SEQ)
     slim.train()
     loss = slim(**tiny_inputs(slim), labels=torch.tensor([0, 2])).loss
     loss.backward()
@@ -227,7 +228,7 @@ def test_no_zero_group_changes_nothing():
     zigs = build_zigs(model)
     inputs = tiny_inputs(model)
     reference = run(model, inputs)
-    slim, report = prune_zero_groups(model, zigs, seq_length=SEQ)
+    slim, report = prune_and_measure(model, zigs, seq_length=SEQ)
     torch.testing.assert_close(run(slim, inputs), reference, atol=0, rtol=0)
     assert report.params_after == report.params_before and report.flops_after == report.flops_before
 
@@ -236,7 +237,7 @@ def test_exclusions_keep_full_size():
     model = tiny_model("bert")
     zigs = build_zigs(model, exclude=["*.layer.2.*"])
     zigs.set_zero(torch.ones(len(zigs), dtype=torch.bool))
-    slim, report = prune_zero_groups(model, zigs, seq_length=SEQ)
+    slim, report = prune_and_measure(model, zigs, seq_length=SEQ)
     assert report.num_attention_heads_after == [0, 0, 4]
     assert report.intermediate_size_after == [0, 0, 37]
 
@@ -245,16 +246,16 @@ def test_stale_zigs_raise():
     model = tiny_model("llama")
     zigs = build_zigs(model)
     zigs.set_zero(sparse_masks(zigs))
-    prune_zero_groups(model, zigs, seq_length=SEQ)
+    prune_and_measure(model, zigs, seq_length=SEQ)
     with pytest.raises(ValueError, match="stale"):
-        prune_zero_groups(model, zigs, seq_length=SEQ)
+        prune_and_measure(model, zigs, seq_length=SEQ)
 
 
 def test_report_to_dict_and_str():
     model = tiny_model("mistral")
     zigs = build_zigs(model)
     zigs.set_zero(sparse_masks(zigs))
-    _, report = prune_zero_groups(model, zigs, seq_length=SEQ)
+    _, report = prune_and_measure(model, zigs, seq_length=SEQ)
     assert isinstance(report, PruningReport)
     as_dict = json.loads(json.dumps(report.to_dict()))
     assert as_dict["params_ratio"] == pytest.approx(report.params_after / report.params_before)
@@ -290,7 +291,7 @@ def test_flops_formula_bert():
     assert count_flops(model, seq_length=seq, batch_size=3) == 3 * expected([4, 4], [37, 37])
     zigs = build_zigs(model)
     zigs.set_zero({f.name: torch.arange(f.num_groups) < (f.num_groups if f.layer == 0 else 1) for f in zigs})
-    _, report = prune_zero_groups(model, zigs, seq_length=seq)
+    _, report = prune_and_measure(model, zigs, seq_length=seq)
     assert report.flops_before == expected([4, 4], [37, 37])
     assert report.flops_after == expected([0, 3], [0, 36])
 
@@ -318,7 +319,7 @@ def test_apply_layout_reproduces_pruned_shapes():
     model = tiny_model("qwen2")
     zigs = build_zigs(model)
     zigs.set_zero(sparse_masks(zigs))
-    slim, _ = prune_zero_groups(model, zigs, seq_length=SEQ, inplace=False)
+    slim, _ = prune_and_measure(model, zigs, seq_length=SEQ, inplace=False)
     fresh = apply_layout(tiny_model("qwen2", seed=1), slim.config.oto_layout)
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in slim.state_dict().items()}
     assert [type(m).__name__ for m in fresh.modules()] == [type(m).__name__ for m in slim.modules()]
@@ -360,7 +361,7 @@ def test_a_second_pruning_round_is_exact(name, tmp_path):
     inputs = tiny_inputs(model)
     zigs = build_zigs(model)
     zigs.set_zero(sparse_masks(zigs))
-    slim, _ = prune_zero_groups(model, zigs, seq_length=SEQ)
+    slim, _ = prune_and_measure(model, zigs, seq_length=SEQ)
     save_pruned_model(slim, tmp_path / "round1")
     reloaded = load_pruned_model(tmp_path / "round1", type(slim))
     for candidate in (slim, reloaded):
@@ -374,7 +375,7 @@ def test_a_second_pruning_round_is_exact(name, tmp_path):
         assert all(family.meta["head_dim"] == 8 for family in heads.values())
         zigs2.set_zero(zigs2.random_zero_mask(0.5, generator=torch.Generator().manual_seed(1)))
         reference = run(candidate, inputs)
-        slim2, report = prune_zero_groups(candidate, zigs2, seq_length=SEQ, inplace=False)
+        slim2, report = prune_and_measure(candidate, zigs2, seq_length=SEQ, inplace=False)
         assert report.num_attention_heads_before == layout["num_attention_heads"]
         assert (run(slim2, inputs) - reference).abs().max() < 1e-5
         assert current_layout(slim2)["num_attention_heads"] == report.num_attention_heads_after
@@ -406,7 +407,7 @@ def test_the_flops_side_pass_never_fails_pruning():
     zigs = build_zigs(model)
     zigs.set_zero(sparse_masks(zigs))
     assert GroupCosts.measure(zigs).seq_length == 64
-    slim, report = prune_zero_groups(model, zigs)
+    slim, report = prune_and_measure(model, zigs)
     assert report.seq_length == 64 and "at seq_length=64" in str(report)
     assert report.flops_after == count_flops(slim, seq_length=64)
     assert clamp_flops_seq_length(slim, 16) == 16

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, BertModel
 
 from hf_oto import build_zigs
 from hf_oto.modeling import load_pruned_model, save_pruned_model
-from hf_oto.pruning import prune_zero_groups
+from hf_oto.report import prune_and_measure
 
 
 SENTENCES = [
@@ -45,7 +45,7 @@ def test_prune_real_minilm_random_half(tmp_path):
     with torch.no_grad():
         reference = model(**inputs).last_hidden_state
 
-    slim, report = prune_zero_groups(model, zigs, seq_length=128, inplace=False)
+    slim, report = prune_and_measure(model, zigs, seq_length=128, inplace=False)
     with torch.no_grad():
         outputs = slim(**inputs).last_hidden_state
     max_diff = (outputs - reference).abs().max().item()

@@ -295,14 +295,14 @@ def test_failed_onnx_export_keeps_the_results_and_the_slim_model_and_exits_with_
 
 def test_failed_speedup_benchmark_keeps_the_export(tmp_path, monkeypatch):
     pytest.importorskip("optimum.exporters.onnx")
-    from hf_oto import onnx as hf_oto_onnx
+    from hf_oto import run_outputs, speedup
 
     def fail(*args, **kwargs):
         raise ValueError("no time to measure")
 
-    monkeypatch.setattr(hf_oto_onnx, "benchmark_speedup", fail)
+    monkeypatch.setattr(speedup, "benchmark_speedup", fail)
     script = load_script()
-    with pytest.raises(hf_oto_onnx.OnnxExportError, match="speedup benchmark .* failed") as error:
+    with pytest.raises(run_outputs.OnnxExportError, match="speedup benchmark .* failed") as error:
         script.main([*onnx_argv(tmp_path), "--benchmark_speedup", "--benchmark_repeats", "2"])
     assert error.value.stage == "benchmark" and "hf-oto benchmark" in str(error.value)
     output = tmp_path / "out"

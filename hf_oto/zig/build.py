@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..layout import OTOLayout, read_layout
 from .conv import channel_families, describe_dense_channels
 from .groups import ZIGFamily, ZIGSet, family_matches
 from .transformers import TRANSFORMER_FAMILIES, TRANSFORMER_LAYOUTS, transformer_families
@@ -112,6 +113,7 @@ def build_zigs(
             f"Unknown group families {unknown or list(families)}; choose one or more of {list(SUPPORTED_FAMILIES)}."
         )
     all_families: list[ZIGFamily] = []
+    layout = None
     transformer_kinds = [kind for kind in families if kind in TRANSFORMER_FAMILIES]
     if transformer_kinds and "channels" in families:
         raise ValueError(
@@ -120,6 +122,7 @@ def build_zigs(
         )
     if transformer_kinds:
         all_families += transformer_families(model, transformer_kinds)
+        layout = read_layout(model)  # every layer, including excluded ones and those without a family left
     if "channels" in families:
         channels, dense = channel_families(model, example_inputs, channel_penalty)
         for line in describe_dense_channels(dense):
@@ -130,6 +133,7 @@ def build_zigs(
                 f"({'; '.join(describe_dense_channels(dense)) or 'no convolution or linear layer found'})."
             )
         all_families += channels
+        layout = OTOLayout(channels={family.name: family.num_groups for family in channels})
     for pattern in exclude:
         if not any(family_matches(family, [pattern]) for family in all_families):
             raise ValueError(
@@ -145,4 +149,4 @@ def build_zigs(
         logger.info(
             f"Excluded {len(all_families) - len(kept)} of {len(all_families)} group families: {list(exclude)}."
         )
-    return ZIGSet(model, kept)
+    return ZIGSet(model, kept, layout=layout)

@@ -100,7 +100,7 @@ class ZIGSet:
     ```
     """
 
-    def __init__(self, model: nn.Module, families: Sequence[ZIGFamily]):
+    def __init__(self, model: nn.Module, families: Sequence[ZIGFamily], layout: Any | None = None):
         if len(families) == 0:
             raise ValueError("A ZIGSet needs at least one family of groups; got none.")
         names = [family.name for family in families]
@@ -108,6 +108,9 @@ class ZIGSet:
             raise ValueError(f"Family names must be unique; got {names}.")
         self.model = model
         self.families: list[ZIGFamily] = list(families)
+        self.layout = layout
+        """The [`~hf_oto.layout.OTOLayout`] of the model when the groups were built (every family, including the
+        excluded ones), set by [`build_zigs`]; `None` for a set made by hand (pruning then reads it from the model)."""
         parameters = dict(model.named_parameters())
         penalised: dict[str, str] = {}
         for family in self.families:

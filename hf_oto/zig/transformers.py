@@ -320,6 +320,27 @@ def attention_geometry(
     return AttentionGeometry(num_heads, num_kv_heads, head_dim, queries_per_group)
 
 
+def model_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer layers of a model of a supported type, where its layout row says it is.
+
+    Raises:
+        `ValueError` when the model has no `nn.ModuleList` there (custom code, or modules that do not match the row).
+    """
+    layout = get_layout(model)
+    layers_path = _join(base_model_prefix(model), layout.layers)
+    try:
+        layers = model.get_submodule(layers_path)
+    except AttributeError:
+        layers = None
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"Expected the list of layers at {layers_path!r} (the hf_oto layout of "
+            f"model_type={model.config.model_type!r}), but it is missing. The model's modules do not match the layout "
+            "table, e.g. because it runs custom code."
+        )
+    return layers
+
+
 def transformer_families(model: PreTrainedModel, families: Sequence[str] = TRANSFORMER_FAMILIES) -> list[ZIGFamily]:
     """The head and FFN-row families of every layer of a supported transformer model.
 
@@ -328,18 +349,9 @@ def transformer_families(model: PreTrainedModel, families: Sequence[str] = TRANS
     pruned again. A layer left without heads (or FFN rows) has no family of that kind.
     """
     layout = get_layout(model)
-    config = model.config
-    model_type = config.model_type
+    model_type = model.config.model_type
     layers_path = _join(base_model_prefix(model), layout.layers)
-    try:
-        layers = model.get_submodule(layers_path)
-    except AttributeError:
-        layers = None
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"Expected the list of layers at {layers_path!r} (the hf_oto layout of model_type={model_type!r}), but "
-            "it is missing. The model's modules do not match the layout table, e.g. because it runs custom code."
-        )
+    layers = model_layers(model)
 
     result: list[ZIGFamily] = []
     for index in range(len(layers)):
