@@ -1,9 +1,6 @@
 """End-to-end test of scripts/run_squad_oto.py on a tiny SQuAD-format fixture, and of the SQuAD helpers."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,17 +18,7 @@ from .squad_fixture import (
     write_squad_file,
     write_tiny_qa_model,
 )
-
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_squad_oto.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_squad_oto", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+from .testing_utils import load_script
 
 
 def test_run_squad_oto_end_to_end(tmp_path):
@@ -39,7 +26,7 @@ def test_run_squad_oto_end_to_end(tmp_path):
     data = write_squad_file(tmp_path / "squad.json")
     output_dir = tmp_path / "out"
     with mock_hub() as hub:
-        results = load_script().main(
+        results = load_script("run_squad_oto").main(
         [
             "--model_name_or_path", str(model_dir),
             "--train_file", str(data),
@@ -97,9 +84,9 @@ def test_an_output_folder_holding_another_model_is_refused_before_any_work(tmp_p
         "--output_dir", str(output_dir), "--do_train", "--report_to", "none", "--use_cpu",
     ]  # fmt: skip
     with pytest.raises(ValueError, match=r"not this run's resumable state: config\.json, model\.safetensors"):
-        load_script().main(argv)
+        load_script("run_squad_oto").main(argv)
     with pytest.raises(ValueError, match=r"--pruned_model_dir .* is or contains the output folder"):
-        load_script().main([*argv, "--overwrite_output_dir", "--pruned_model_dir", str(output_dir)])
+        load_script("run_squad_oto").main([*argv, "--overwrite_output_dir", "--pruned_model_dir", str(output_dir)])
     assert sorted(path.name for path in output_dir.iterdir()) == ["config.json", "model.safetensors"]
 
 
@@ -108,7 +95,7 @@ def test_not_a_squad_file_gets_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"rows": [1, 2, 3]}))
     with pytest.raises(ValueError, match=r'not a SQuAD-format file: the top-level object has no "data" list'):
-        load_script().main(
+        load_script("run_squad_oto").main(
             ["--model_name_or_path", str(model_dir), "--train_file", str(bad), "--output_dir", str(tmp_path / "o"),
              "--do_train", "--report_to", "none"]
         )  # fmt: skip
@@ -159,7 +146,7 @@ def test_run_squad_oto_exports_onnx_and_measures_speedup(tmp_path):
     model_dir = write_tiny_qa_model(tmp_path / "model")
     data = write_squad_file(tmp_path / "squad.json")
     output_dir = tmp_path / "out"
-    results = load_script().main(
+    results = load_script("run_squad_oto").main(
         [
             "--model_name_or_path", str(model_dir),
             "--train_file", str(data), "--validation_file", str(data),
@@ -222,7 +209,7 @@ def test_squad_v2_is_refused_before_training(tmp_path):
         read_squad_file(path)
     model_dir = write_tiny_qa_model(tmp_path / "model")
     with pytest.raises(ValueError, match="SQuAD v2"):
-        load_script().main(
+        load_script("run_squad_oto").main(
             ["--model_name_or_path", str(model_dir), "--train_file", str(path), "--output_dir", str(tmp_path / "o"),
              "--do_train", "--report_to", "none"]
         )  # fmt: skip
