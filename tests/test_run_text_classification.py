@@ -177,10 +177,9 @@ def test_empty_training_set(tmp_path, model_dir):
 
 
 def _splits(tmp_path, train, **extra):
-    from hf_oto.data.text_classification import DataTrainingArguments, load_text_classification_splits
-
-    args = DataTrainingArguments(train_file=str(train), label_column_name="sentiment", **extra)
-    return load_text_classification_splits(args, str(tmp_path / "cache"), do_eval=False, do_predict=False)
+    utils = load_script("utils_text_classification")
+    args = utils.DataTrainingArguments(train_file=str(train), label_column_name="sentiment", **extra)
+    return utils.load_text_classification_splits(args, str(tmp_path / "cache"), do_eval=False, do_predict=False)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv"])
