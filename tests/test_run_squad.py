@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForQuestionAnswering
+from datasets import Dataset
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, default_data_collator
 
-from hf_oto import load_pruned_model
-from hf_oto.squad import normalize_answer, read_squad_file, squad_metrics
+from hf_oto import OTOTrainingArguments, load_pruned_model
 
 from .hub_mock import mock_hub
 from .squad_fixture import (
@@ -19,6 +19,12 @@ from .squad_fixture import (
     write_tiny_qa_model,
 )
 from .testing_utils import load_script
+
+
+utils_qa = load_script("utils_qa")
+normalize_answer = utils_qa.normalize_answer
+read_squad_file = utils_qa.read_squad_file
+squad_metrics = utils_qa.squad_metrics
 
 
 def test_run_squad_oto_end_to_end(tmp_path):
@@ -54,7 +60,7 @@ def test_run_squad_oto_end_to_end(tmp_path):
     card = yaml.safe_load(upload["card"].split("---")[1])
     assert card["pipeline_tag"] == "question-answering" and card["license"] == "mit"
     metrics = {m["type"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}
-    # EM/F1 come from the script's own evaluation, not the Trainer's log
+    # EM/F1 of the slim model, from QuestionAnsweringOTOTrainer.evaluate
     assert metrics == pytest.approx({"exact_match": written["eval_exact_match"], "f1": written["eval_f1"]})
     for key in ("eval_exact_match", "eval_f1", "group_sparsity", "params", "flops", "dense_params", "dense_flops"):
         assert key in written
@@ -184,10 +190,8 @@ def test_run_squad_oto_exports_onnx_and_measures_speedup(tmp_path):
 
 
 def test_answers_that_differ_only_by_whitespace_are_aligned_and_counted(tmp_path, monkeypatch):
-    from hf_oto import squad
-
     warnings = []
-    monkeypatch.setattr(squad.logger, "warning", warnings.append)
+    monkeypatch.setattr(utils_qa.logger, "warning", warnings.append)
     path = tmp_path / "ws.json"
     path.write_text(json.dumps(squad_json_with_whitespace_answers()))
     records = read_squad_file(path)
@@ -201,8 +205,6 @@ def test_answers_that_differ_only_by_whitespace_are_aligned_and_counted(tmp_path
 
 
 def test_squad_v2_is_refused_before_training(tmp_path):
-    from hf_oto.squad import check_answerable
-
     path = tmp_path / "v2.json"
     path.write_text(json.dumps(squad_v2_json()))
     with pytest.raises(ValueError, match=r"SQuAD v2 data: article 0, paragraph 0, question 2 \(id 'impossible'\)"):
@@ -215,7 +217,7 @@ def test_squad_v2_is_refused_before_training(tmp_path):
         )  # fmt: skip
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
     with pytest.raises(ValueError, match=r"squad_v2 \(validation split\) holds SQuAD v2 data: example 1"):
-        check_answerable([{"text": ["a"]}, {"text": [], "answer_start": []}], "squad_v2 (validation split)")
+        utils_qa.check_answerable([{"text": ["a"]}, {"text": [], "answer_start": []}], "squad_v2 (validation split)")
     with pytest.raises(ValueError, match="SQuAD v2"):
         squad_metrics({"q": ""}, [{"id": "q", "answers": {"text": []}}])
 
@@ -248,3 +250,59 @@ def test_malformed_entries_name_their_location(tmp_path, payload, problem):
     path.write_text(json.dumps(payload))
     with pytest.raises(ValueError, match=r"not a SQuAD-format file: .*" + problem):
         read_squad_file(path)
+
+
+def test_qa_trainer_evaluate_scores_answers_and_logs_them(tmp_path):
+    """`QuestionAnsweringOTOTrainer.evaluate` gives the EM/F1 of a plain batched forward + n-best post-processing,
+    writes the answers to eval_predictions.json and logs the metrics through the Trainer's log."""
+    trainer_qa = load_script("trainer_qa")
+    model_dir = write_tiny_qa_model(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = Dataset.from_list(read_squad_file(write_squad_file(tmp_path / "squad.json")))
+    features = examples.map(
+        utils_qa.prepare_eval_features,
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_length": 32, "doc_stride": 8},
+        batched=True,
+        remove_columns=examples.column_names,
+    )
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        outputs = model(
+            **{name: torch.tensor(features[name]) for name in ("input_ids", "attention_mask", "token_type_ids")}
+        )
+    expected_answers = utils_qa.postprocess_qa_predictions(
+        examples,
+        features,
+        outputs.start_logits.numpy(),
+        outputs.end_logits.numpy(),
+        n_best_size=5,
+        max_answer_length=8,
+    )
+    expected = squad_metrics(expected_answers, examples)
+
+    args = OTOTrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_eval_batch_size=4, report_to="none", use_cpu=True
+    )
+    trainer = trainer_qa.QuestionAnsweringOTOTrainer(
+        model=model,
+        args=args,
+        eval_dataset=features,
+        eval_examples=examples,
+        n_best_size=5,
+        max_answer_length=8,
+        data_collator=default_data_collator,
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_exact_match"] == pytest.approx(expected["exact_match"])
+    assert metrics["eval_f1"] == pytest.approx(expected["f1"])
+    assert metrics["eval_runtime"] >= 0.0
+    logged = trainer.state.log_history[-1]
+    assert logged["eval_exact_match"] == metrics["eval_exact_match"] and logged["eval_f1"] == metrics["eval_f1"]
+    assert json.loads((tmp_path / "out" / "eval_predictions.json").read_text()) == expected_answers
+
+    with pytest.raises(ValueError, match="needs the evaluation features and the examples"):
+        trainer_qa.QuestionAnsweringOTOTrainer(model=model, args=args).evaluate()
+    with pytest.raises(ValueError, match=r"columns \['example_id', 'offset_mapping'\]"):
+        trainer.evaluate(eval_dataset=features.remove_columns("example_id"))
+    with pytest.raises(ValueError, match="n_best_size must be a positive integer; got 0"):
+        trainer_qa.QuestionAnsweringOTOTrainer(model=model, args=args, n_best_size=0)
