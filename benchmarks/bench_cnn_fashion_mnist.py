@@ -25,7 +25,7 @@ at lr 0.05 (linear decay), weight decay 5e-4; OTO: HSPG `sgd`, λ 0.02, ε 0.3, 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import platform
 import sys
@@ -39,13 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "run_image_classification_oto", ROOT / "scripts" / "run_image_classification_oto.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    """`scripts/run_image_classification_oto.py` as a module, with `scripts/` on `sys.path` for its imports of its
+    sibling modules (`oto_example_args`), as when it runs as `python scripts/run_image_classification_oto.py`."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
+    return importlib.import_module("run_image_classification_oto")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

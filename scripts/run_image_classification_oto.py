@@ -68,6 +68,7 @@ from hf_oto.run_outputs import (
     sparsity_results,
     write_run_outputs,
 )
+from oto_example_args import ModelArguments
 
 
 logger = logging.get_logger("hf_oto.run_image_classification_oto")
@@ -82,20 +83,18 @@ IMAGE_COLUMNS = ("image", "img", "pixel_values")
 
 
 @dataclass
-class ModelArguments:
+class ImageModelArguments(ModelArguments):
+    """The shared [`ModelArguments`] with a second way in: `--architecture` builds a network from scratch."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Or load a transformers image classifier (folder or Hub id)."}
+    )
     architecture: str | None = field(
         default=None,
         metadata={"help": f"Build a CIFAR-layout network from scratch: one of {list(ARCHITECTURES)}."},
     )
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Or load a transformers image classifier (folder or Hub id)."}
-    )
     image_size: int | None = field(
         default=None, metadata={"help": "Input size (default: the model config's image_size, else 32)."}
-    )
-    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads and datasets are stored."})
-    ignore_mismatched_sizes: bool = field(
-        default=False, metadata={"help": "Load a checkpoint whose classifier has another number of labels."}
     )
 
     def __post_init__(self):
@@ -103,6 +102,8 @@ class ModelArguments:
             raise ValueError(
                 f"Pass exactly one of --architecture ({', '.join(ARCHITECTURES)}) or --model_name_or_path."
             )
+        if self.tokenizer_name is not None:
+            raise ValueError("--tokenizer_name is for text models: an image classifier takes no tokenizer.")
         if self.architecture is not None and self.architecture not in ARCHITECTURES:
             raise ValueError(f"--architecture {self.architecture!r} is unknown; choose one of {list(ARCHITECTURES)}.")
         if self.image_size is not None and self.image_size < 8:
@@ -208,7 +209,7 @@ def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == np.asarray(prediction.label_ids)).mean())}
 
 
-def build_model(model_args: ModelArguments, names: list[str], num_channels: int) -> PreTrainedModel:
+def build_model(model_args: ImageModelArguments, names: list[str], num_channels: int) -> PreTrainedModel:
     id2label = dict(enumerate(names))
     label2id = {name: index for index, name in id2label.items()}
     if model_args.architecture is not None:
@@ -235,11 +236,11 @@ def build_model(model_args: ModelArguments, names: list[str], num_channels: int)
 
 def parse_arguments(argv: list[str] | None = None) -> tuple:
     """Parses the arguments from the command line, or from a single JSON file."""
-    return parse_script_arguments((ModelArguments, DataArguments, OTOTrainingArguments), argv)
+    return parse_script_arguments((ImageModelArguments, DataArguments, OTOTrainingArguments), argv)
 
 
 def run(
-    model_args: ModelArguments, data_args: DataArguments, training_args: OTOTrainingArguments
+    model_args: ImageModelArguments, data_args: DataArguments, training_args: OTOTrainingArguments
 ) -> tuple[dict, Trainer]:
     """Trains, prunes (unless `--dense_baseline`) and evaluates; returns the results and the trainer."""
     std_logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=std_logging.INFO)
@@ -269,7 +270,7 @@ def run(
 
 
 def train_prune_and_save(
-    model_args: ModelArguments, data_args: DataArguments, training_args: OTOTrainingArguments, model_dir: str
+    model_args: ImageModelArguments, data_args: DataArguments, training_args: OTOTrainingArguments, model_dir: str
 ) -> tuple[dict, Trainer]:
     """The run, once its folders are checked and locked; the model goes to `model_dir`."""
     raw = load_raw_datasets(data_args, model_args.cache_dir)

@@ -27,14 +27,10 @@ python scripts/run_squad_oto.py args.json
 from __future__ import annotations
 
 import copy
-import json
 import logging as std_logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
-import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import (
     AutoModelForQuestionAnswering,
@@ -45,7 +41,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
+from hf_oto import OTOTrainingArguments, count_flops, count_parameters
 from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
@@ -57,24 +53,12 @@ from hf_oto.run_outputs import (
     sparsity_results,
     write_run_outputs,
 )
-from hf_oto.squad import (
-    check_answerable,
-    postprocess_qa_predictions,
-    prepare_eval_features,
-    prepare_train_features,
-    read_squad_file,
-    squad_metrics,
-)
+from oto_example_args import ModelArguments
+from trainer_qa import QuestionAnsweringOTOTrainer
+from utils_qa import check_answerable, prepare_eval_features, prepare_train_features, read_squad_file
 
 
 logger = logging.get_logger("hf_oto.run_squad_oto")
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "Path to a pretrained model folder or a Hub model id."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are stored."})
 
 
 @dataclass
@@ -157,7 +141,9 @@ def train_prune_and_save(
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ValueError("This script needs a fast tokenizer (for offset mappings); the model's tokenizer is slow.")
     model = AutoModelForQuestionAnswering.from_pretrained(
-        model_args.model_name_or_path, cache_dir=model_args.cache_dir
+        model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
     )
     max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
 
@@ -192,11 +178,14 @@ def train_prune_and_save(
             "validation", data_args.max_eval_samples, prepare_eval_features, "Tokenizing the validation set"
         )
 
-    trainer = OTOTrainer(
+    trainer = QuestionAnsweringOTOTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        eval_dataset=None,
+        eval_dataset=eval_dataset,
+        eval_examples=eval_examples,
+        n_best_size=data_args.n_best_size,
+        max_answer_length=data_args.max_answer_length,
         data_collator=default_data_collator,
         processing_class=tokenizer,
     )
@@ -239,15 +228,12 @@ def train_prune_and_save(
     results["params_ratio"] = results["params"] / results["dense_params"]
     results["flops_ratio"] = results["flops"] / results["dense_flops"]
 
-    if training_args.do_eval:
-        metrics = {
-            f"eval_{key}": value
-            for key, value in evaluate(slim, eval_examples, eval_dataset, data_args, training_args).items()
-        }
+    if training_args.do_eval:  # the SLIM model (trainer.model after prune), through the Trainer's log
+        metrics = trainer.evaluate()
         metrics["eval_samples"] = len(eval_examples)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-        results.update(metrics)
+        results.update({key: metrics[key] for key in ("eval_exact_match", "eval_f1", "eval_samples")})
 
     write_run_outputs(
         trainer,
@@ -260,8 +246,6 @@ def train_prune_and_save(
         benchmark_batch_size=data_args.benchmark_batch_size,
         benchmark_repeats=data_args.benchmark_repeats,
         seq_length=flops_seq_length,
-        # EM/F1 come from this script's own evaluation, not the Trainer's log: write_run_outputs puts the eval_*
-        # figures of `results` on the card.
         card_kwargs=card_metadata(
             dataset_name=data_args.dataset_name,
             dataset_config=data_args.dataset_config_name,
@@ -271,34 +255,6 @@ def train_prune_and_save(
     if training_args.push_to_hub:  # the slim folder, once
         trainer.push_to_hub()
     return results
-
-
-def evaluate(model, examples, features, data_args: DataTrainingArguments, training_args) -> dict[str, float]:
-    """EM/F1 of `model` on the evaluation examples, by n-best post-processing of its start/end logits."""
-    model.eval()
-    device = next(model.parameters()).device
-    columns = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in features.column_names]
-    batch_size = training_args.per_device_eval_batch_size
-    starts, ends = [], []
-    with torch.no_grad():
-        for begin in range(0, len(features), batch_size):
-            rows = features[begin : begin + batch_size]
-            batch = {name: torch.tensor(rows[name], device=device) for name in columns}
-            outputs = model(**batch)
-            starts.append(outputs.start_logits.float().cpu().numpy())
-            ends.append(outputs.end_logits.float().cpu().numpy())
-    predictions = postprocess_qa_predictions(
-        examples,
-        features,
-        np.concatenate(starts),
-        np.concatenate(ends),
-        n_best_size=data_args.n_best_size,
-        max_answer_length=data_args.max_answer_length,
-    )
-    Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
-    with open(os.path.join(training_args.output_dir, "eval_predictions.json"), "w") as handle:
-        json.dump(predictions, handle, indent=2)
-    return squad_metrics(predictions, examples)
 
 
 if __name__ == "__main__":

@@ -57,15 +57,6 @@ from transformers import (
 from transformers.utils import logging
 
 from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
-from hf_oto.data.text_classification import (  # noqa: F401  (build_label_list, label_names: the script's API)
-    DataTrainingArguments,
-    ModelArguments,
-    build_label_list,
-    compute_metrics,
-    label_names,
-    load_text_classification_splits,
-    tokenize_splits,
-)
 from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
@@ -75,6 +66,15 @@ from hf_oto.run_outputs import (
     parse_script_arguments,
     sparsity_results,
     write_run_outputs,
+)
+from oto_example_args import ModelArguments
+from utils_text_classification import (  # noqa: F401  (build_label_list, label_names: the script's API)
+    DataTrainingArguments,
+    build_label_list,
+    compute_metrics,
+    label_names,
+    load_text_classification_splits,
+    tokenize_splits,
 )
 
 

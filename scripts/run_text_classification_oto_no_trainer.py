@@ -77,14 +77,6 @@ from transformers.utils import logging
 
 from hf_oto import HSPG, ZIGSet, build_zigs, count_flops, count_parameters, save_pruned_model
 from hf_oto.callbacks import oto_sparsity_logs, unwrap_optimizer
-from hf_oto.data.text_classification import (
-    DataTrainingArguments,
-    ModelArguments,
-    TextClassificationSplits,
-    compute_metrics,
-    load_text_classification_splits,
-    tokenize_splits,
-)
 from hf_oto.distributed import check_distributed_support
 from hf_oto.flops import clamp_flops_seq_length
 from hf_oto.hub import push_pruned_model
@@ -102,6 +94,14 @@ from hf_oto.run_outputs import (
 )
 from hf_oto.trainer import auto_class_name, hspg_param_groups, prune_and_check
 from hf_oto.training_args import OTOArguments
+from oto_example_args import ModelArguments
+from utils_text_classification import (
+    DataTrainingArguments,
+    TextClassificationSplits,
+    compute_metrics,
+    load_text_classification_splits,
+    tokenize_splits,
+)
 
 
 logger = logging.get_logger("hf_oto.run_text_classification_oto_no_trainer")

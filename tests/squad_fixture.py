@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForQuestionAnswering, BertTokenizerFast
+from transformers import BertForQuestionAnswering
+
+from .testing_utils import SPECIAL_TOKENS, tiny_bert_config, word_tokenizer
 
 
 PARAGRAPHS = [
@@ -54,21 +56,9 @@ def write_tiny_qa_model(directory: Path) -> Path:
     for context, questions in PARAGRAPHS:
         for text in [context, *(q for q, _ in questions)]:
             words.update(text.lower().replace(".", " . ").replace("?", " ? ").split())
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
-    tokenizer.save_pretrained(directory)
+    word_tokenizer(directory, sorted(words)).save_pretrained(directory)
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    BertForQuestionAnswering(config).save_pretrained(directory)
+    BertForQuestionAnswering(tiny_bert_config(len(SPECIAL_TOKENS) + len(words))).save_pretrained(directory)
     return directory
 
 

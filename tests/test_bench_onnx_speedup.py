@@ -1,10 +1,8 @@
 """The conv-net rows of benchmarks/bench_onnx_speedup.py on tiny CIFAR conv nets (one timed round: a smoke test of
 the zero patterns, the exports and the JSON, not a measurement)."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,8 +14,10 @@ from hf_oto import build_zigs, count_flops, save_pruned_model  # noqa: E402
 from hf_oto.costs import GroupCosts  # noqa: E402
 from hf_oto.models import CifarConvNetConfig  # noqa: E402
 
+from .testing_utils import BENCHMARKS, load_script  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_onnx_speedup.py"
+
+BENCH = BENCHMARKS / "bench_onnx_speedup.py"
 TINY_CONFIGS = {
     "tiny_vgg": lambda **kwargs: CifarConvNetConfig(architecture="vgg", vgg_layers=[8, "M", 16, 16, "M"], **kwargs),
     "tiny_resnet": lambda **kwargs: CifarConvNetConfig(
@@ -28,10 +28,7 @@ TINY_CONFIGS = {
 
 @pytest.fixture
 def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_onnx_speedup", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
+    module = load_script("bench_onnx_speedup", BENCHMARKS)
     monkeypatch.setattr(module, "CNN_CONFIGS", TINY_CONFIGS)
     return module
 

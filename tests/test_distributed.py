@@ -22,12 +22,20 @@ from safetensors.torch import load_file
 from hf_oto.distributed import UNSUPPORTED_DISTRIBUTED_TYPES, check_distributed_support
 
 from . import distributed_worker
-from .subprocess_utils import REPO, free_port, run_launcher
-from .test_run_text_classification import reviews, write_csv, write_tiny_classifier
+from .testing_utils import (
+    REPO,
+    SCRIPTS,
+    free_port,
+    load_script,
+    reviews,
+    run_launcher,
+    write_csv,
+    write_tiny_classifier,
+)
 
 
 WORKER = REPO / "tests" / "distributed_worker.py"
-NO_TRAINER_SCRIPT = REPO / "scripts" / "run_text_classification_oto_no_trainer.py"
+NO_TRAINER_SCRIPT = SCRIPTS / "run_text_classification_oto_no_trainer.py"
 TIMEOUT = 300  # seconds per launch; one takes 5-10 s on 2 idle cores, 3x that when they are busy
 
 
@@ -121,8 +129,6 @@ def test_oto_trainer_target_mode_under_ddp(torchrun_outputs, tmp_path, fresh_acc
 def test_no_trainer_script_under_accelerate_launch(tmp_path, fresh_accelerate_state, one_thread):
     """The script on 2 processes x 4 examples equals the script on 1 process x 8 examples; only the main process
     writes the checkpoints, the slim model and all_results.json."""
-    from .test_run_text_classification_no_trainer import load_script
-
     model_dir = write_tiny_classifier(tmp_path / "model")
     # Without dropout: the processes' dropout masks over half batches cannot equal one mask over the whole batch.
     config = json.loads((model_dir / "config.json").read_text())
@@ -143,7 +149,7 @@ def test_no_trainer_script_under_accelerate_launch(tmp_path, fresh_accelerate_st
     results = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
     assert results["num_processes"] == 2 and results["train_steps"] == 10 and results["zero_groups"] > 0
     assert sorted(path.name for path in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_10", "step_5"]
-    single = load_script().main(argv(tmp_path / "single", 8))
+    single = load_script("run_text_classification_oto_no_trainer").main(argv(tmp_path / "single", 8))
     assert single["num_processes"] == 1 and single["zero_groups"] == results["zero_groups"]
     assert single["group_sparsity_by_family"] == results["group_sparsity_by_family"]
     distributed = load_file(tmp_path / "ddp" / "checkpoints" / "step_10" / "model.safetensors")

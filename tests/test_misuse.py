@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 from hf_oto import HSPG, OTOTrainingArguments, build_zigs, load_pruned_model, prune_and_measure, save_pruned_model
 
 from .test_hspg import lm_loss
-from .test_run_text_classification import load_script, reviews, write_csv
+from .testing_utils import load_script, reviews, write_csv, write_tiny_classifier
 from .tiny_models import tiny_inputs, tiny_model
 
 
@@ -83,8 +83,6 @@ def test_fsdp_and_deepspeed_arguments_are_refused(tmp_path, arguments, name):
 
 def test_trainer_script_refuses_a_slim_folder_of_an_earlier_run_before_training(tmp_path):
     """The slim model is saved after training: a folder that holds one is refused at the start, not at the end."""
-    from .test_run_text_classification import write_tiny_classifier
-
     model_dir = write_tiny_classifier(tmp_path / "model")
     data = write_csv(tmp_path / "train.csv", reviews())
     pruned = tmp_path / "out" / "pruned"
@@ -97,7 +95,7 @@ def test_trainer_script_refuses_a_slim_folder_of_an_earlier_run_before_training(
     with pytest.raises(
         ValueError, match=r"slim-model folder .*pruned' already holds config\.json .*--overwrite_output_dir"
     ):
-        load_script().main(argv)
+        load_script("run_text_classification_oto").main(argv)
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["pruned"]  # nothing was trained or written
 
 

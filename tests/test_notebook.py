@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from .testing_utils import REPO
+
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "oto_quickstart.ipynb"
-TUTORIAL = Path(__file__).resolve().parents[1] / "notebooks" / "oto_tutorial.ipynb"
+NOTEBOOK = REPO / "notebooks" / "oto_quickstart.ipynb"
+TUTORIAL = REPO / "notebooks" / "oto_tutorial.ipynb"
 
 
 def test_notebook_is_stored_without_outputs():

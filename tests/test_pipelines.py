@@ -10,10 +10,8 @@ from transformers import (
     AutoModelForImageClassification,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
-    BertConfig,
     BertForQuestionAnswering,
     BertForSequenceClassification,
-    BertTokenizerFast,
     pipeline,
 )
 
@@ -21,15 +19,15 @@ from hf_oto import OTOImageProcessor, build_zigs, load_pruned_model, prune_and_m
 from hf_oto.data.images import ImagePreprocessor
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
 
+from .testing_utils import SPECIAL_TOKENS, tiny_bert_config, word_tokenizer
+
 
 WORDS = ["the", "river", "flows", "north", "where", "does", "go", "?", "film", "was", "good", "bad", "."]
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("vocab")
-    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    return word_tokenizer(tmp_path_factory.mktemp("vocab"), WORDS)
 
 
 def _slim(model, fraction=0.4):
@@ -43,10 +41,7 @@ def _slim(model, fraction=0.4):
 
 
 def _bert_config(**extra):
-    return BertConfig(
-        vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37, max_position_embeddings=64, **extra,
-    )  # fmt: skip
+    return tiny_bert_config(len(SPECIAL_TOKENS) + len(WORDS), **extra)
 
 
 def test_text_classification_pipeline(tmp_path, tokenizer):

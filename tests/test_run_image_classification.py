@@ -1,7 +1,6 @@
 """End-to-end test of scripts/run_image_classification_oto.py on tiny IDX files, and of its input checks."""
 
 import gzip
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,22 +16,15 @@ from hf_oto.data.images import ImagePreprocessor, load_idx_dataset, read_idx
 from hf_oto.models import CifarConvNetConfig, CifarConvNetForImageClassification
 
 from .hub_mock import mock_hub
+from .testing_utils import SCRIPTS, load_script, run_script
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_image_classification_oto.py"
+SCRIPT = SCRIPTS / "run_image_classification_oto.py"
 COMMON_ARGS = [
     "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32", "--max_steps", "8",
     "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--report_to", "none", "--save_strategy", "no",
     "--use_cpu", "--disable_tqdm", "true",
 ]  # fmt: skip
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_image_classification_oto", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -66,7 +58,7 @@ def write_tiny_convnet(directory: Path) -> Path:
 
 
 def test_script_trains_prunes_and_saves_a_reloadable_slim_convnet(tmp_path):
-    script = load_script()
+    script = load_script("run_image_classification_oto")
     data = write_idx_folder(tmp_path / "idx")
     model_dir = write_tiny_convnet(tmp_path / "model")
     output = tmp_path / "out"
@@ -121,7 +113,7 @@ def test_script_trains_prunes_and_saves_a_reloadable_slim_convnet(tmp_path):
 
 
 def test_dense_baseline_trains_the_same_recipe_without_oto(tmp_path):
-    script = load_script()
+    script = load_script("run_image_classification_oto")
     data = write_idx_folder(tmp_path / "idx")
     results = script.main(
         [
@@ -145,7 +137,7 @@ def test_dense_baseline_trains_the_same_recipe_without_oto(tmp_path):
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(tmp_path, argv, message):
-    script = load_script()
+    script = load_script("run_image_classification_oto")
     with pytest.raises(ValueError, match=message):
         script.parse_arguments([*argv, "--output_dir", str(tmp_path)])
 
@@ -193,7 +185,7 @@ def test_folders_of_an_earlier_run_are_refused_before_any_work(tmp_path):
     import os
     import socket
 
-    script = load_script()
+    script = load_script("run_image_classification_oto")
     output = tmp_path / "out"
     argv = [
         "--architecture", "vgg16_bn", "--idx_dir", str(tmp_path / "missing"), "--output_dir", str(output),
@@ -228,7 +220,7 @@ def onnx_argv(tmp_path: Path) -> list[str]:
 def test_script_exports_the_slim_convnet_to_onnx_and_measures_its_speedup(tmp_path):
     pytest.importorskip("optimum.exporters.onnx")
     ort = pytest.importorskip("optimum.onnxruntime")
-    script = load_script()
+    script = load_script("run_image_classification_oto")
     argv = [*onnx_argv(tmp_path), "--benchmark_speedup", "--benchmark_batch_size", "2", "--benchmark_repeats", "2"]
     results = script.main(argv)
     output = tmp_path / "out"
@@ -260,8 +252,6 @@ def test_script_exports_the_slim_convnet_to_onnx_and_measures_its_speedup(tmp_pa
 def test_failed_onnx_export_keeps_the_results_and_the_slim_model_and_exits_with_status_1(tmp_path, monkeypatch):
     """The export fails half-way (a partial file written): the command exits with status 1 and a message saying
     where everything is, `all_results.json` holds the metrics and the error, the slim folder is whole, without `onnx/`."""
-    import runpy
-
     pytest.importorskip("optimum.exporters.onnx")
     from hf_oto import onnx as hf_oto_onnx
 
@@ -272,7 +262,7 @@ def test_failed_onnx_export_keeps_the_results_and_the_slim_model_and_exits_with_
     monkeypatch.setattr(hf_oto_onnx, "_export_hf_oto_model", fail_half_way)
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), *onnx_argv(tmp_path)])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(str(SCRIPT), run_name="__main__")
+        run_script("run_image_classification_oto")
     message = str(exit_info.value.code)
     output = tmp_path / "out"
     assert message.startswith("ERROR: The ONNX export of the slim CifarConvNetForImageClassification")
@@ -301,7 +291,7 @@ def test_failed_speedup_benchmark_keeps_the_export(tmp_path, monkeypatch):
         raise ValueError("no time to measure")
 
     monkeypatch.setattr(speedup, "benchmark_speedup", fail)
-    script = load_script()
+    script = load_script("run_image_classification_oto")
     with pytest.raises(run_outputs.OnnxExportError, match="speedup benchmark .* failed") as error:
         script.main([*onnx_argv(tmp_path), "--benchmark_speedup", "--benchmark_repeats", "2"])
     assert error.value.stage == "benchmark" and "hf-oto benchmark" in str(error.value)

@@ -1,17 +1,14 @@
 """End-to-end test of scripts/run_squad_oto.py on a tiny SQuAD-format fixture, and of the SQuAD helpers."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForQuestionAnswering
+from datasets import Dataset
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer, default_data_collator
 
-from hf_oto import load_pruned_model
-from hf_oto.squad import normalize_answer, read_squad_file, squad_metrics
+from hf_oto import OTOTrainingArguments, load_pruned_model
 
 from .hub_mock import mock_hub
 from .squad_fixture import (
@@ -21,17 +18,13 @@ from .squad_fixture import (
     write_squad_file,
     write_tiny_qa_model,
 )
+from .testing_utils import load_script
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_squad_oto.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_squad_oto", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+utils_qa = load_script("utils_qa")
+normalize_answer = utils_qa.normalize_answer
+read_squad_file = utils_qa.read_squad_file
+squad_metrics = utils_qa.squad_metrics
 
 
 def test_run_squad_oto_end_to_end(tmp_path):
@@ -39,7 +32,7 @@ def test_run_squad_oto_end_to_end(tmp_path):
     data = write_squad_file(tmp_path / "squad.json")
     output_dir = tmp_path / "out"
     with mock_hub() as hub:
-        results = load_script().main(
+        results = load_script("run_squad_oto").main(
         [
             "--model_name_or_path", str(model_dir),
             "--train_file", str(data),
@@ -67,7 +60,7 @@ def test_run_squad_oto_end_to_end(tmp_path):
     card = yaml.safe_load(upload["card"].split("---")[1])
     assert card["pipeline_tag"] == "question-answering" and card["license"] == "mit"
     metrics = {m["type"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}
-    # EM/F1 come from the script's own evaluation, not the Trainer's log
+    # EM/F1 of the slim model, from QuestionAnsweringOTOTrainer.evaluate
     assert metrics == pytest.approx({"exact_match": written["eval_exact_match"], "f1": written["eval_f1"]})
     for key in ("eval_exact_match", "eval_f1", "group_sparsity", "params", "flops", "dense_params", "dense_flops"):
         assert key in written
@@ -97,9 +90,9 @@ def test_an_output_folder_holding_another_model_is_refused_before_any_work(tmp_p
         "--output_dir", str(output_dir), "--do_train", "--report_to", "none", "--use_cpu",
     ]  # fmt: skip
     with pytest.raises(ValueError, match=r"not this run's resumable state: config\.json, model\.safetensors"):
-        load_script().main(argv)
+        load_script("run_squad_oto").main(argv)
     with pytest.raises(ValueError, match=r"--pruned_model_dir .* is or contains the output folder"):
-        load_script().main([*argv, "--overwrite_output_dir", "--pruned_model_dir", str(output_dir)])
+        load_script("run_squad_oto").main([*argv, "--overwrite_output_dir", "--pruned_model_dir", str(output_dir)])
     assert sorted(path.name for path in output_dir.iterdir()) == ["config.json", "model.safetensors"]
 
 
@@ -108,7 +101,7 @@ def test_not_a_squad_file_gets_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"rows": [1, 2, 3]}))
     with pytest.raises(ValueError, match=r'not a SQuAD-format file: the top-level object has no "data" list'):
-        load_script().main(
+        load_script("run_squad_oto").main(
             ["--model_name_or_path", str(model_dir), "--train_file", str(bad), "--output_dir", str(tmp_path / "o"),
              "--do_train", "--report_to", "none"]
         )  # fmt: skip
@@ -159,7 +152,7 @@ def test_run_squad_oto_exports_onnx_and_measures_speedup(tmp_path):
     model_dir = write_tiny_qa_model(tmp_path / "model")
     data = write_squad_file(tmp_path / "squad.json")
     output_dir = tmp_path / "out"
-    results = load_script().main(
+    results = load_script("run_squad_oto").main(
         [
             "--model_name_or_path", str(model_dir),
             "--train_file", str(data), "--validation_file", str(data),
@@ -197,10 +190,8 @@ def test_run_squad_oto_exports_onnx_and_measures_speedup(tmp_path):
 
 
 def test_answers_that_differ_only_by_whitespace_are_aligned_and_counted(tmp_path, monkeypatch):
-    from hf_oto import squad
-
     warnings = []
-    monkeypatch.setattr(squad.logger, "warning", warnings.append)
+    monkeypatch.setattr(utils_qa.logger, "warning", warnings.append)
     path = tmp_path / "ws.json"
     path.write_text(json.dumps(squad_json_with_whitespace_answers()))
     records = read_squad_file(path)
@@ -214,21 +205,19 @@ def test_answers_that_differ_only_by_whitespace_are_aligned_and_counted(tmp_path
 
 
 def test_squad_v2_is_refused_before_training(tmp_path):
-    from hf_oto.squad import check_answerable
-
     path = tmp_path / "v2.json"
     path.write_text(json.dumps(squad_v2_json()))
     with pytest.raises(ValueError, match=r"SQuAD v2 data: article 0, paragraph 0, question 2 \(id 'impossible'\)"):
         read_squad_file(path)
     model_dir = write_tiny_qa_model(tmp_path / "model")
     with pytest.raises(ValueError, match="SQuAD v2"):
-        load_script().main(
+        load_script("run_squad_oto").main(
             ["--model_name_or_path", str(model_dir), "--train_file", str(path), "--output_dir", str(tmp_path / "o"),
              "--do_train", "--report_to", "none"]
         )  # fmt: skip
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
     with pytest.raises(ValueError, match=r"squad_v2 \(validation split\) holds SQuAD v2 data: example 1"):
-        check_answerable([{"text": ["a"]}, {"text": [], "answer_start": []}], "squad_v2 (validation split)")
+        utils_qa.check_answerable([{"text": ["a"]}, {"text": [], "answer_start": []}], "squad_v2 (validation split)")
     with pytest.raises(ValueError, match="SQuAD v2"):
         squad_metrics({"q": ""}, [{"id": "q", "answers": {"text": []}}])
 
@@ -261,3 +250,59 @@ def test_malformed_entries_name_their_location(tmp_path, payload, problem):
     path.write_text(json.dumps(payload))
     with pytest.raises(ValueError, match=r"not a SQuAD-format file: .*" + problem):
         read_squad_file(path)
+
+
+def test_qa_trainer_evaluate_scores_answers_and_logs_them(tmp_path):
+    """`QuestionAnsweringOTOTrainer.evaluate` gives the EM/F1 of a plain batched forward + n-best post-processing,
+    writes the answers to eval_predictions.json and logs the metrics through the Trainer's log."""
+    trainer_qa = load_script("trainer_qa")
+    model_dir = write_tiny_qa_model(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = Dataset.from_list(read_squad_file(write_squad_file(tmp_path / "squad.json")))
+    features = examples.map(
+        utils_qa.prepare_eval_features,
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_length": 32, "doc_stride": 8},
+        batched=True,
+        remove_columns=examples.column_names,
+    )
+    model = AutoModelForQuestionAnswering.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        outputs = model(
+            **{name: torch.tensor(features[name]) for name in ("input_ids", "attention_mask", "token_type_ids")}
+        )
+    expected_answers = utils_qa.postprocess_qa_predictions(
+        examples,
+        features,
+        outputs.start_logits.numpy(),
+        outputs.end_logits.numpy(),
+        n_best_size=5,
+        max_answer_length=8,
+    )
+    expected = squad_metrics(expected_answers, examples)
+
+    args = OTOTrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_eval_batch_size=4, report_to="none", use_cpu=True
+    )
+    trainer = trainer_qa.QuestionAnsweringOTOTrainer(
+        model=model,
+        args=args,
+        eval_dataset=features,
+        eval_examples=examples,
+        n_best_size=5,
+        max_answer_length=8,
+        data_collator=default_data_collator,
+    )
+    metrics = trainer.evaluate()
+    assert metrics["eval_exact_match"] == pytest.approx(expected["exact_match"])
+    assert metrics["eval_f1"] == pytest.approx(expected["f1"])
+    assert metrics["eval_runtime"] >= 0.0
+    logged = trainer.state.log_history[-1]
+    assert logged["eval_exact_match"] == metrics["eval_exact_match"] and logged["eval_f1"] == metrics["eval_f1"]
+    assert json.loads((tmp_path / "out" / "eval_predictions.json").read_text()) == expected_answers
+
+    with pytest.raises(ValueError, match="needs the evaluation features and the examples"):
+        trainer_qa.QuestionAnsweringOTOTrainer(model=model, args=args).evaluate()
+    with pytest.raises(ValueError, match=r"columns \['example_id', 'offset_mapping'\]"):
+        trainer.evaluate(eval_dataset=features.remove_columns("example_id"))
+    with pytest.raises(ValueError, match="n_best_size must be a positive integer; got 0"):
+        trainer_qa.QuestionAnsweringOTOTrainer(model=model, args=args, n_best_size=0)

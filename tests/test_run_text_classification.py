@@ -1,25 +1,18 @@
 """End-to-end test of scripts/run_text_classification_oto.py on tiny local CSV/JSONL files, and of its input checks."""
 
 import csv
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizerFast
+from transformers import AutoModelForSequenceClassification
 
 from hf_oto import load_pruned_model
 
 from .hub_mock import mock_hub, tokenizer_files
+from .testing_utils import load_script, reviews, write_csv, write_jsonl, write_tiny_classifier
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "run_text_classification_oto.py"
-
-SUBJECTS = ["the movie", "this film", "the plot", "the acting"]
-POSITIVE = ["great", "wonderful", "good", "lovely", "brilliant"]
-NEGATIVE = ["awful", "boring", "bad", "terrible", "dull"]
 COMMON_ARGS = [
     "--max_seq_length", "16", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
     "--max_steps", "12", "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
@@ -28,63 +21,13 @@ COMMON_ARGS = [
 ]  # fmt: skip
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_text_classification_oto", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-def reviews() -> list[dict]:
-    """40 one-line movie reviews with string sentiment labels, positive and negative interleaved."""
-    rows = []
-    for subject in SUBJECTS:
-        for good, bad in zip(POSITIVE, NEGATIVE):
-            rows.append({"sentence": f"{subject} was {good} .", "sentiment": "positive"})
-            rows.append({"sentence": f"{subject} was {bad} .", "sentiment": "negative"})
-    return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def write_tiny_classifier(directory: Path) -> Path:
-    """A tiny BERT encoder (the classification head is created by the script) and a word-level tokenizer."""
-    words = sorted({word for row in reviews() for word in row["sentence"].split()} | {"?"})
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(directory)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=5 + len(words),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return write_tiny_classifier(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def test_csv_string_labels_end_to_end(tmp_path, model_dir):
-    module = load_script()
+    module = load_script("run_text_classification_oto")
     rows = reviews()
     train = write_csv(tmp_path / "train.csv", rows)
     validation = write_csv(tmp_path / "validation.csv", rows[:16])
@@ -156,7 +99,7 @@ def test_jsonl_sentence_pairs_integer_labels(tmp_path, model_dir):
     ]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     output_dir = tmp_path / "out"
-    results = load_script().main(
+    results = load_script("run_text_classification_oto").main(
         [
             "--model_name_or_path", str(model_dir), "--train_file", str(data), "--validation_file", str(data),
             "--text_column_name", "first", "--text_pair_column_name", "second", "--max_eval_samples", "8",
@@ -172,7 +115,7 @@ def test_jsonl_sentence_pairs_integer_labels(tmp_path, model_dir):
 def test_label_names_of_a_class_label_column():
     from datasets import ClassLabel, Dataset, Features, Value
 
-    module = load_script()
+    module = load_script("run_text_classification_oto")
     features = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
     dataset = Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, 1]}, features=features)
     labels = module.build_label_list(dataset, "label")
@@ -183,7 +126,7 @@ def test_label_names_of_a_class_label_column():
 
 def _main_error(tmp_path, model_dir, *extra):
     argv = ["--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "o"), "--do_train", "--do_eval"]
-    return load_script().main([*argv, *extra, "--report_to", "none", "--use_cpu"])
+    return load_script("run_text_classification_oto").main([*argv, *extra, "--report_to", "none", "--use_cpu"])
 
 
 def test_missing_label_column_names_the_columns(tmp_path, model_dir):
@@ -234,10 +177,9 @@ def test_empty_training_set(tmp_path, model_dir):
 
 
 def _splits(tmp_path, train, **extra):
-    from hf_oto.data.text_classification import DataTrainingArguments, load_text_classification_splits
-
-    args = DataTrainingArguments(train_file=str(train), label_column_name="sentiment", **extra)
-    return load_text_classification_splits(args, str(tmp_path / "cache"), do_eval=False, do_predict=False)
+    utils = load_script("utils_text_classification")
+    args = utils.DataTrainingArguments(train_file=str(train), label_column_name="sentiment", **extra)
+    return utils.load_text_classification_splits(args, str(tmp_path / "cache"), do_eval=False, do_predict=False)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv"])

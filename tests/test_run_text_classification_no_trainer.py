@@ -3,7 +3,6 @@ killed with SIGKILL in each HSPG stage and resumed, and the refusals that happen
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -21,20 +20,11 @@ from transformers import AutoModelForSequenceClassification
 from hf_oto import build_zigs, load_pruned_model
 
 from .hub_mock import mock_hub, tokenizer_files
-from .subprocess_utils import REPO, launch_env
-from .test_run_text_classification import reviews, write_csv, write_tiny_classifier
+from .testing_utils import REPO, SCRIPTS, launch_env, load_script, reviews, write_csv, write_tiny_classifier
 
 
-SCRIPT = REPO / "scripts" / "run_text_classification_oto_no_trainer.py"
+SCRIPT = SCRIPTS / "run_text_classification_oto_no_trainer.py"
 TIMEOUT = 300  # seconds for one training process (about 6 s on 2 idle cores)
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_text_classification_oto_no_trainer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +61,7 @@ def test_end_to_end_bf16_gradient_accumulation(tmp_path, job, one_thread):
         mock.patch("accelerate.Accelerator.init_trackers") as init_trackers,
         mock.patch("accelerate.Accelerator.log") as log,
     ):
-        results = load_script().main(argv)
+        results = load_script("run_text_classification_oto_no_trainer").main(argv)
     init_trackers.assert_called_once()
     assert init_trackers.call_args.kwargs["config"]["learning_rate"] == 1e-2
     assert [call.kwargs["step"] for call in log.call_args_list] == [2, 4, 6, 8, 10, 12]
@@ -153,7 +143,7 @@ def checkpoint_model(job: dict, checkpoint: Path) -> torch.nn.Module:
 
 def last_checkpoint(job: dict, output_dir: Path) -> tuple[int, int]:
     """HSPG step count and number of zero groups of the checkpoint a resume will start from."""
-    checkpoint = load_script().resolve_checkpoint("latest", str(output_dir))
+    checkpoint = load_script("run_text_classification_oto_no_trainer").resolve_checkpoint("latest", str(output_dir))
     step_count = torch.load(checkpoint / "optimizer.bin", weights_only=False)["param_groups"][0]["step_count"]
     return step_count, build_zigs(checkpoint_model(job, checkpoint)).num_zero_groups()
 
@@ -206,7 +196,7 @@ def test_sigkill_in_each_stage_then_resume_equals_an_uninterrupted_run(tmp_path,
 # Refused before any training step
 # ----------------------------------------------------------------------------------------------------------------
 def test_output_dir_of_another_run_is_refused(tmp_path, job):
-    script = load_script()
+    script = load_script("run_text_classification_oto_no_trainer")
     output_dir = tmp_path / "out"
     (output_dir / "checkpoints" / "step_6").mkdir(parents=True)
     with pytest.raises(
@@ -242,7 +232,7 @@ def test_output_dir_of_another_run_is_refused(tmp_path, job):
 )
 def test_bad_arguments_are_refused_when_parsed(tmp_path, job, flags, message):
     with pytest.raises(ValueError, match=message):
-        load_script().parse_arguments(arguments(job, tmp_path / "out", *flags))
+        load_script("run_text_classification_oto_no_trainer").parse_arguments(arguments(job, tmp_path / "out", *flags))
 
 
 class _Planted:
@@ -256,7 +246,7 @@ class _Planted:
 
 
 def test_a_planted_pickle_in_a_checkpoint_is_never_unpickled(tmp_path, job, one_thread):
-    script = load_script()
+    script = load_script("run_text_classification_oto_no_trainer")
     output_dir = tmp_path / "out"
     script.main(arguments(job, output_dir, "--max_steps", "2", "--checkpointing_steps", "1"))
     checkpoint = output_dir / "checkpoints" / "step_2"

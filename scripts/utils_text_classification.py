@@ -1,7 +1,8 @@
-"""Text classification data for the OTO training scripts: arguments, local files or a `datasets` name, label
-checks, tokenization and metrics. Shared by `scripts/run_text_classification_oto.py` (the `Trainer`) and
-`scripts/run_text_classification_oto_no_trainer.py` (Accelerate), so both accept the same data and fail the same way
-on bad data, before any model is loaded.
+"""Text classification data for the OTO example scripts: data arguments, local files or a `datasets` name, label
+checks, tokenization and metrics. Shared by `run_text_classification_oto.py` (the `Trainer`) and
+`run_text_classification_oto_no_trainer.py` (Accelerate), so both accept the same data and fail the same way on bad
+data, before any model is loaded. A sibling of the scripts, imported as `import utils_text_classification` (a
+script's folder is on `sys.path` when it runs as `python scripts/<script>.py`).
 
 Labels may be strings or integers: the label set is the sorted set of the training labels (with the class names of a
 `ClassLabel` column, as in GLUE). CSV/TSV cells are read as written (a class named `None`, `NA` or `null` is a class,
@@ -23,30 +24,15 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from transformers import EvalPrediction
 from transformers.utils import logging
 
-from ..run_outputs import OTORunOutputArguments
+from hf_oto.run_outputs import OTORunOutputArguments
 
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger("hf_oto.utils_text_classification")
 
 FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 """Local file extension → `datasets` builder."""
 DEFAULT_TEXT_COLUMNS = ("text", "sentence")
 """Text columns tried, in order, when `--text_column_name` is not given."""
-
-
-@dataclass
-class ModelArguments:
-    """Which model and tokenizer a text classification job starts from."""
-
-    model_name_or_path: str = field(metadata={"help": "Path to a pretrained model folder or a Hub model id."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer, if not the model's."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads and datasets are stored."})
-    ignore_mismatched_sizes: bool = field(
-        default=False,
-        metadata={
-            "help": "Load a checkpoint whose classification head has another number of labels (re-initialised)."
-        },
-    )
 
 
 @dataclass

@@ -1,5 +1,9 @@
 """SQuAD v1.1 for extractive question answering: local files, features with a doc stride, n-best post-processing,
 and the official exact-match / F1 metric computed offline (`evaluate.load("squad")` needs the hub).
+
+A sibling of `run_squad_oto.py` and `trainer_qa.py` (as `utils_qa.py` in transformers'
+`examples/pytorch/question-answering`), imported as `import utils_qa`: the script's folder is on `sys.path` when it
+runs as `python scripts/run_squad_oto.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 from transformers.utils import logging
 
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger("hf_oto.utils_qa")
 
 SQUAD_COLUMNS = ("id", "title", "context", "question", "answers")
 
