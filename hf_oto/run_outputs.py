@@ -45,6 +45,128 @@ class OTORunOutputArguments:
     )
 
 
+def pruning_results(report: Any) -> dict[str, Any]:
+    """The size figures of a [`~hf_oto.report.PruningReport`] for `all_results.json`: `dense_params`, `dense_flops`,
+    `params`, `flops` and their ratios, plus the kept channels (`architecture`, `channels_before/after`) when the
+    model has channel families.
+
+    Example:
+
+    ```python
+    >>> pruning_results(trainer.pruning_report)["flops_ratio"]  # doctest: +SKIP
+    0.5
+    ```
+    """
+    results = {
+        "dense_params": report.params_before,
+        "dense_flops": report.flops_before,
+        "params": report.params_after,
+        "flops": report.flops_after,
+        "params_ratio": report.params_ratio,
+        "flops_ratio": report.flops_ratio,
+    }
+    if report.channels_before is not None:
+        results.update(
+            architecture=report.architecture(),
+            channels_before=report.channels_before,
+            channels_after=report.channels_after,
+        )
+    return results
+
+
+def finish_oto_run(
+    trainer,
+    results: dict[str, Any],
+    output_args: OTORunOutputArguments,
+    *,
+    pruned_dir: str,
+    do_eval: bool = True,
+    evaluate: Callable[[Any], dict[str, Any]] | None = None,
+    result_metric_keys: Sequence[str] | None = None,
+    extra_steps: Callable[[Any, dict[str, Any]], None] | None = None,
+    check_inputs: Mapping[str, Any] | None = None,
+    seq_length: int | None = None,
+    tokenizer: Any | None = None,
+    overwrite: bool = False,
+    sparsity_by_family: bool = True,
+    card_kwargs: Mapping[str, Any] | None = None,
+    push_to_hub: bool = False,
+) -> dict[str, Any]:
+    """The one finishing step of an OTO run with a [`~hf_oto.OTOTrainer`], after `trainer.train()`: prune → check →
+    measure → evaluate → save (weights, layout, processor, card with the evaluation metrics) → optional ONNX export
+    and speedup → `all_results.json` → optional push. The training scripts keep only what is specific to their task
+    (which dataset to evaluate on, QA post-processing inside their trainer's `evaluate`, a predict step).
+
+    Args:
+        trainer ([`~hf_oto.OTOTrainer`]): The trained trainer (not yet pruned).
+        results (`dict`): The run's figures so far (e.g. the train metrics); completed and returned.
+        output_args ([`OTORunOutputArguments`]): `export_onnx`, `benchmark_speedup` and the benchmark settings.
+        pruned_dir (`str`): Where the slim model and its card go.
+        do_eval (`bool`, *optional*, defaults to `True`): Evaluate the slim model.
+        evaluate (`Callable`, *optional*): `evaluate(trainer) -> metrics`; defaults to `trainer.evaluate()`. The
+            metrics are logged and saved with the Trainer's `log_metrics`/`save_metrics` (`eval_results.json`) and
+            reach the card through the Trainer's log.
+        result_metric_keys (`Sequence[str]`, *optional*): Which metrics go into `all_results.json` (default: all).
+        extra_steps (`Callable`, *optional*): `extra_steps(trainer, results)`, run on the slim model after the
+            evaluation and before saving (e.g. a predict step).
+        check_inputs (`Mapping`, *optional*): The batch the slim model's outputs are checked on (default: the first
+            eval, else train, batch; see [`~hf_oto.OTOTrainer.prune`]).
+        seq_length (`int`, *optional*): Token length at which FLOPs are counted (and the speedup measured); default
+            128, clamped to the model's `max_position_embeddings`.
+        tokenizer (*optional*): Saved into the ONNX export too.
+        overwrite (`bool`): Whether a non-empty slim folder may be replaced.
+        sparsity_by_family (`bool`): Record the sparsity of every family in `all_results.json`.
+        card_kwargs (`Mapping`, *optional*): More model-card arguments (see [`card_metadata`]).
+        push_to_hub (`bool`): Upload the slim folder once at the end ([`~hf_oto.OTOTrainer.push_to_hub`]).
+
+    Returns:
+        `dict`: `results`, completed (also in `<output_dir>/all_results.json`).
+
+    Raises:
+        [`OnnxExportError`] when the export or the benchmark failed, after saving everything else (no push then).
+
+    Example:
+
+    ```python
+    >>> trainer.train()
+    >>> results = finish_oto_run(trainer, {}, OTORunOutputArguments(export_onnx=True), pruned_dir="out/pruned")
+    ```
+    """
+    import copy
+
+    results.update(sparsity_results(trainer.zigs, by_family=sparsity_by_family))
+    # The full-size group-sparse model, kept only to measure the slim model's speedup against it.
+    dense_reference = copy.deepcopy(trainer.model).eval() if output_args.benchmark_speedup else None
+    trainer.prune(inputs=check_inputs, seq_length=seq_length)
+    report = trainer.pruning_report
+    results.update(pruning_results(report))
+    logger.info(f"Pruned model:\n{report}")
+    if do_eval:  # the SLIM model (trainer.model after prune), through the Trainer's evaluation and log
+        metrics = dict(evaluate(trainer) if evaluate is not None else trainer.evaluate())
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        keys = result_metric_keys if result_metric_keys is not None else list(metrics)
+        results.update({key: metrics[key] for key in keys if key in metrics})
+    if extra_steps is not None:
+        extra_steps(trainer, results)
+    write_run_outputs(
+        trainer,
+        results,
+        pruned_dir=pruned_dir,
+        overwrite=overwrite,
+        tokenizer=tokenizer,
+        export_onnx=output_args.export_onnx,
+        dense_reference=dense_reference,
+        benchmark_batch_size=output_args.benchmark_batch_size,
+        benchmark_repeats=output_args.benchmark_repeats,
+        seq_length=report.seq_length,
+        card_kwargs=card_kwargs,
+    )
+    if push_to_hub:  # the slim folder, once
+        trainer.push_to_hub()
+    return results
+
+
 def write_run_outputs(
     trainer,
     results: dict[str, Any],

@@ -340,7 +340,7 @@ class OTOTrainer(Trainer):
             return self.model
         model = self.model
         if seq_length is None:
-            seq_length = min(128, getattr(model.config, "max_position_embeddings", None) or 128)
+            seq_length = 128  # clamped to the model's max_position_embeddings where it counts FLOPs
         if atol is None:
             atol = default_pruning_atol(model)
         batch = self._prepare_inputs(dict(inputs if inputs is not None else self._pruning_check_batch()))

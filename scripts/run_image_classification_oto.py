@@ -64,9 +64,8 @@ from hf_oto.run_outputs import (
     OnnxExportError,
     OTORunOutputArguments,
     card_metadata,
+    finish_oto_run,
     parse_script_arguments,
-    sparsity_results,
-    write_run_outputs,
 )
 from oto_example_args import ModelArguments
 
@@ -334,10 +333,9 @@ def train_prune_and_save(
         trainer.save_state()
         results.update({k if k.startswith("train") else f"train_{k}": v for k, v in train_result.metrics.items()})
         results["train_samples"] = len(splits["train"])
-    results["dense_params"] = count_parameters(trainer.model)
-    results["dense_flops"] = count_flops(trainer.model)
-
     if data_args.dense_baseline:
+        results["dense_params"] = count_parameters(trainer.model)
+        results["dense_flops"] = count_flops(trainer.model)
         if training_args.do_eval:
             results.update(trainer.evaluate())
             results["eval_samples"] = len(splits["validation"])
@@ -345,52 +343,33 @@ def train_prune_and_save(
         trainer.save_metrics("all", results)
         return results, trainer
 
-    zigs = trainer.zigs
-    results.update(sparsity_results(zigs))
     check_inputs = None
     if trainer.eval_dataset is None and trainer.train_dataset is None:
         dataset = splits.get("validation", splits.get("train"))
         check_inputs = default_data_collator([dataset[i] for i in range(min(8, len(dataset)))])
-    dense_reference = None
-    if data_args.benchmark_speedup:
-        import copy
 
-        dense_reference = copy.deepcopy(trainer.model).eval()
-    slim = trainer.prune(inputs=check_inputs)
-    report = trainer.pruning_report
-    results["params"] = count_parameters(slim)
-    results["flops"] = count_flops(slim)
-    results["params_ratio"] = results["params"] / results["dense_params"]
-    results["flops_ratio"] = results["flops"] / results["dense_flops"]
-    results["architecture"] = report.architecture()
-    results["channels_before"] = report.channels_before
-    results["channels_after"] = report.channels_after
-    logger.info(f"OTO architecture (kept channels per family): {results['architecture']}\n{report}")
-    if training_args.do_eval:  # the SLIM model
+    def evaluate(trainer: OTOTrainer) -> dict:
         metrics = trainer.evaluate(eval_dataset=splits["validation"])
-        metrics["eval_samples"] = len(splits["validation"])
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
+        return {**metrics, "eval_samples": len(splits["validation"])}
 
-    write_run_outputs(
+    finish_oto_run(
         trainer,
         results,
+        data_args,
         pruned_dir=model_dir,
-        overwrite=getattr(training_args, "overwrite_output_dir", False),
+        do_eval=training_args.do_eval,
+        evaluate=evaluate,
+        check_inputs=check_inputs,
         tokenizer=processor,
-        export_onnx=data_args.export_onnx,
-        dense_reference=dense_reference,
-        benchmark_batch_size=data_args.benchmark_batch_size,
-        benchmark_repeats=data_args.benchmark_repeats,
+        overwrite=getattr(training_args, "overwrite_output_dir", False),
         card_kwargs=card_metadata(
             dataset_name=data_args.dataset_name,
             dataset_config=data_args.dataset_config_name,
             license=data_args.license,
         ),
+        push_to_hub=training_args.push_to_hub,
     )
-    if training_args.push_to_hub:  # the slim folder, once
-        trainer.push_to_hub()
+    logger.info(f"OTO architecture (kept channels per family): {results['architecture']}")
     return results, trainer
 
 

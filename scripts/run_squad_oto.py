@@ -26,7 +26,6 @@ python scripts/run_squad_oto.py args.json
 
 from __future__ import annotations
 
-import copy
 import logging as std_logging
 import os
 from dataclasses import dataclass, field
@@ -41,17 +40,15 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from hf_oto import OTOTrainingArguments, count_flops, count_parameters
-from hf_oto.flops import clamp_flops_seq_length
+from hf_oto import OTOTrainingArguments
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
 from hf_oto.run_outputs import (
     OnnxExportError,
     OTORunOutputArguments,
     card_metadata,
+    finish_oto_run,
     parse_script_arguments,
-    sparsity_results,
-    write_run_outputs,
 )
 from oto_example_args import ModelArguments
 from trainer_qa import QuestionAnsweringOTOTrainer
@@ -202,12 +199,6 @@ def train_prune_and_save(
             }
         )
 
-    zigs = trainer.zigs
-    results.update(sparsity_results(zigs, by_family=False))
-    flops_seq_length = clamp_flops_seq_length(trainer.model, data_args.flops_seq_length or max_seq_length)
-    results["dense_params"] = count_parameters(trainer.model)
-    results["dense_flops"] = count_flops(trainer.model, seq_length=flops_seq_length)
-
     check_inputs = None
     if eval_dataset is not None:
         check_inputs = default_data_collator(
@@ -220,40 +211,30 @@ def train_prune_and_save(
                 for i in range(min(8, len(eval_dataset)))
             ]
         )
-    # The full-size group-sparse model, kept only to measure the slim model's speedup against it.
-    dense_reference = copy.deepcopy(trainer.model).eval() if data_args.benchmark_speedup else None
-    slim = trainer.prune(inputs=check_inputs, seq_length=flops_seq_length)
-    results["params"] = count_parameters(slim)
-    results["flops"] = count_flops(slim, seq_length=flops_seq_length)
-    results["params_ratio"] = results["params"] / results["dense_params"]
-    results["flops_ratio"] = results["flops"] / results["dense_flops"]
 
-    if training_args.do_eval:  # the SLIM model (trainer.model after prune), through the Trainer's log
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(eval_examples)
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update({key: metrics[key] for key in ("eval_exact_match", "eval_f1", "eval_samples")})
+    def evaluate(trainer: QuestionAnsweringOTOTrainer) -> dict:
+        return {**trainer.evaluate(), "eval_samples": len(eval_examples)}
 
-    write_run_outputs(
+    finish_oto_run(
         trainer,
         results,
+        data_args,
         pruned_dir=pruned_dir,
-        overwrite=getattr(training_args, "overwrite_output_dir", False),
+        do_eval=training_args.do_eval,
+        evaluate=evaluate,
+        result_metric_keys=("eval_exact_match", "eval_f1", "eval_samples"),
+        check_inputs=check_inputs,
+        seq_length=data_args.flops_seq_length or max_seq_length,
         tokenizer=tokenizer,
-        export_onnx=data_args.export_onnx,
-        dense_reference=dense_reference,
-        benchmark_batch_size=data_args.benchmark_batch_size,
-        benchmark_repeats=data_args.benchmark_repeats,
-        seq_length=flops_seq_length,
+        overwrite=getattr(training_args, "overwrite_output_dir", False),
+        sparsity_by_family=False,
         card_kwargs=card_metadata(
             dataset_name=data_args.dataset_name,
             dataset_config=data_args.dataset_config_name,
             license=data_args.license,
         ),
+        push_to_hub=training_args.push_to_hub,
     )
-    if training_args.push_to_hub:  # the slim folder, once
-        trainer.push_to_hub()
     return results
 
 

@@ -41,7 +41,6 @@ python scripts/run_text_classification_oto.py args.json
 
 from __future__ import annotations
 
-import copy
 import logging as std_logging
 import os
 from pathlib import Path
@@ -56,16 +55,14 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from hf_oto import OTOTrainer, OTOTrainingArguments, count_flops, count_parameters
-from hf_oto.flops import clamp_flops_seq_length
+from hf_oto import OTOTrainer, OTOTrainingArguments
 from hf_oto.output_dir import check_run_dirs
 from hf_oto.run_lock import output_dir_lock
 from hf_oto.run_outputs import (
     OnnxExportError,
     card_metadata,
+    finish_oto_run,
     parse_script_arguments,
-    sparsity_results,
-    write_run_outputs,
 )
 from oto_example_args import ModelArguments
 from utils_text_classification import (  # noqa: F401  (build_label_list, label_names: the script's API)
@@ -155,32 +152,18 @@ def train_prune_and_save(
         )
         results["train_samples"] = len(features["train"])
 
-    zigs = trainer.zigs
-    results.update(sparsity_results(zigs))
-    flops_seq_length = clamp_flops_seq_length(trainer.model, data_args.flops_seq_length or max_seq_length)
-    results["dense_params"] = count_parameters(trainer.model)
-    results["dense_flops"] = count_flops(trainer.model, seq_length=flops_seq_length)
-
     # Checks the slim model's outputs on the first eval batch (or training batch without --do_eval).
     check_inputs = None
     if trainer.eval_dataset is None and trainer.train_dataset is None:
         check_inputs = trainer.data_collator([features["train"][i] for i in range(min(8, len(features["train"])))])
-    # The full-size group-sparse model, kept only to measure the slim model's speedup against it.
-    dense_reference = copy.deepcopy(trainer.model).eval() if data_args.benchmark_speedup else None
-    slim = trainer.prune(inputs=check_inputs, seq_length=flops_seq_length)
-    results["params"] = count_parameters(slim)
-    results["flops"] = count_flops(slim, seq_length=flops_seq_length)
-    results["params_ratio"] = results["params"] / results["dense_params"]
-    results["flops_ratio"] = results["flops"] / results["dense_flops"]
 
-    if training_args.do_eval:  # the SLIM model (trainer.model after prune)
+    def evaluate(trainer: OTOTrainer) -> dict:
         metrics = trainer.evaluate(eval_dataset=features["validation"])
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
-        results.update(metrics)
-        results["eval_samples"] = len(features["validation"])
+        return {**metrics, "eval_samples": len(features["validation"])}
 
-    if training_args.do_predict:
+    def predict(trainer: OTOTrainer, results: dict) -> None:
+        if not training_args.do_predict:
+            return
         predictions = trainer.predict(features["test"], metric_key_prefix="predict").predictions
         predictions = np.argmax(predictions[0] if isinstance(predictions, tuple) else predictions, axis=-1)
         results["predict_samples"] = len(features["test"])
@@ -190,25 +173,25 @@ def train_prune_and_save(
                 handle.write("index\tprediction\n")
                 handle.writelines(f"{index}\t{id2label[int(label)]}\n" for index, label in enumerate(predictions))
 
-    write_run_outputs(
+    finish_oto_run(
         trainer,
         results,
+        data_args,
         pruned_dir=pruned_dir,
-        overwrite=getattr(training_args, "overwrite_output_dir", False),
+        do_eval=training_args.do_eval,
+        evaluate=evaluate,
+        extra_steps=predict,
+        check_inputs=check_inputs,
+        seq_length=data_args.flops_seq_length or max_seq_length,
         tokenizer=tokenizer,
-        export_onnx=data_args.export_onnx,
-        dense_reference=dense_reference,
-        benchmark_batch_size=data_args.benchmark_batch_size,
-        benchmark_repeats=data_args.benchmark_repeats,
-        seq_length=flops_seq_length,
+        overwrite=getattr(training_args, "overwrite_output_dir", False),
         card_kwargs=card_metadata(
             dataset_name=data_args.dataset_name,
             dataset_config=data_args.dataset_config_name,
             license=data_args.license,
         ),
+        push_to_hub=training_args.push_to_hub,
     )
-    if training_args.push_to_hub:  # the slim folder, once
-        trainer.push_to_hub()
     return results, trainer
 
 

@@ -75,7 +75,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from hf_oto import HSPG, ZIGSet, build_zigs, count_flops, count_parameters, save_pruned_model
+from hf_oto import HSPG, ZIGSet, build_zigs, save_pruned_model
 from hf_oto.callbacks import oto_sparsity_logs, unwrap_optimizer
 from hf_oto.distributed import check_distributed_support
 from hf_oto.flops import clamp_flops_seq_length
@@ -89,6 +89,7 @@ from hf_oto.run_outputs import (
     eval_metrics,
     finish_run_outputs,
     parse_script_arguments,
+    pruning_results,
     relative_path,
     sparsity_results,
 )
@@ -622,8 +623,6 @@ def write_outputs(
     """Main process: prune (checking the slim model's outputs), evaluate and predict with the slim model, save it
     with its card, and write `all_results.json`."""
     seq_length = clamp_flops_seq_length(model, data_args.flops_seq_length or max_seq_length)
-    results["dense_params"] = count_parameters(model)
-    results["dense_flops"] = count_flops(model, seq_length=seq_length)
     check_split = features["validation"] if "validation" in features else features["train"]
     device = next(model.parameters()).device
     check_batch = send_to_device(collator([check_split[i] for i in range(min(8, len(check_split)))]), device)
@@ -631,10 +630,7 @@ def write_outputs(
     dense_reference = copy.deepcopy(model).eval() if data_args.benchmark_speedup else None
     slim, report, difference = prune_and_check(model, zigs, check_batch, seq_length=seq_length)
     logger.info(f"Pruned {results['zero_groups']} zero groups; max abs output difference {difference:.3g}.")
-    results["params"] = count_parameters(slim)
-    results["flops"] = count_flops(slim, seq_length=seq_length)
-    results["params_ratio"] = results["params"] / results["dense_params"]
-    results["flops_ratio"] = results["flops"] / results["dense_flops"]
+    results.update(pruning_results(report))  # parameters and FLOPs, counted once before and once after
 
     def loader(split: str) -> DataLoader:
         return DataLoader(features[split], collate_fn=collator, batch_size=loop_args.per_device_eval_batch_size)
