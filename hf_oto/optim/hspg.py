@@ -345,14 +345,22 @@ class HSPG(Optimizer):
         group.setdefault("step_count", max((g.get("step_count", 0) for g in self.param_groups), default=0))
         group.setdefault("skipped_steps", max((g.get("skipped_steps", 0) for g in self.param_groups), default=0))
 
+    def _positions(self) -> dict[int, tuple[int, int]]:
+        """The position `(param group, index)` of every parameter, by tensor identity (at construction only)."""
+        return {
+            id(param): (group_index, param_index)
+            for group_index, group in enumerate(self.param_groups)
+            for param_index, param in enumerate(group["params"])
+        }
+
     def _assign_zig_membership(self, zigs: ZIGSet) -> None:
-        # A map from tensor identity to position, used only here, at construction.
-        position = {}
-        for group_index, group in enumerate(self.param_groups):
-            for param_index, param in enumerate(group["params"]):
-                position[id(param)] = (group_index, param_index)
+        """Writes the ZIG membership of every parameter into the param groups (`zig_family`, `zig_dim`,
+        `zig_num_groups`) and keeps, per family, the positions and dims of its members (`_family_members`, in the
+        order of the ZIGSet, empty for a family kept out by a frozen member left out of `params`)."""
+        position = self._positions()
         missing = []
         frozen_out: set[int] = set()
+        self._family_members: list[list[tuple[tuple[int, int], int]]] = [[] for _ in zigs.families]
         for family_index, family in enumerate(zigs.families):
             for member in family.members:
                 param = zigs.parameter(member.param_name)
@@ -364,6 +372,7 @@ class HSPG(Optimizer):
                         frozen_out.add(family_index)
                     continue
                 group_index, param_index = position[id(param)]
+                self._family_members[family_index].append(((group_index, param_index), member.dim))
                 group = self.param_groups[group_index]
                 group["zig_family"][param_index] = family_index
                 group["zig_dim"][param_index] = member.dim
@@ -374,6 +383,8 @@ class HSPG(Optimizer):
                 if family_index in frozen_out:
                     group["zig_family"][param_index], group["zig_dim"][param_index] = -1, -1
                     group["zig_num_groups"][param_index] = 0
+        for family_index in frozen_out:
+            self._family_members[family_index] = []
         self._frozen_out = frozen_out
         present_frozen = {
             family
