@@ -8,6 +8,12 @@ stages (Algorithm 2 of the paper):
 2. **Half-space stage**: the same trial point `x~ = x - lr * d`, followed by the half-space projection (eq. 6): a
    non-zero group whose trial point leaves the half-space `x~_g^T x_g >= epsilon * ||x_g||^2` is set to exactly zero,
    and groups that are zero stay zero for the rest of training.
+
+This module is the orchestration, written once for every base direction and both modes: the ZIG membership of the
+parameters, the stages, the sparsity bounds, the group-lasso penalty, the half-space test and projection, and the
+zeroing of dropped groups in the parameters and the optimizer state. The base direction `d` of `f` (SGD with momentum,
+AdamW, or any direction registered by name) comes from `hf_oto.optim.directions`; the per-group views, norms and
+budgets from `hf_oto.optim.group_ops`; the target mode's saliency, selection and ramps from `hf_oto.optim.target`.
 """
 
 from __future__ import annotations
@@ -89,6 +95,9 @@ class HSPG(Optimizer):
       decoupled, `lmbda` means the same thing whatever the scale of the loss, and `lmbda=0` with no half-space step is
       exactly `torch.optim.AdamW`.
 
+    Each is a [`~hf_oto.optim.directions.BaseDirection`] registered under its name; another one is added by writing
+    one subclass and decorating it with [`~hf_oto.optim.directions.register_direction`] (see that module).
+
     **Missing gradients.** Parameters whose `grad` is `None` are skipped, as in torch. A family none of whose
     members has a gradient is skipped entirely (it keeps its values, and its zero groups stay zero); a penalised
     member without gradient whose family-mates have one is updated with a zero gradient of `f` (so it still feels
@@ -148,7 +157,8 @@ class HSPG(Optimizer):
         init_steps (`int`, *optional*, defaults to 0):
             Number of `step()` calls of the initialization stage. Optimizer-wide.
         variant (`str`, *optional*, defaults to `"adamw"`):
-            Base direction: `"adamw"` or `"sgd"`.
+            Base direction: `"adamw"`, `"sgd"`, or the name of another registered
+            [`~hf_oto.optim.directions.BaseDirection`].
         momentum (`float`, *optional*, defaults to 0.9):
             Momentum of the `"sgd"` variant, in `[0, 1)`.
         nesterov (`bool`, *optional*, defaults to `False`):
@@ -838,6 +848,8 @@ class HSPG(Optimizer):
     def _gather(
         self, group: dict[str, Any], by_param: dict[int, _Member]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[_Member | None]]:
+        """The parameters of `group` that take this step, their gradients of `f` (zeros for a penalised member
+        without one) and their member records (`None` outside the ZIGs); frozen parameters are left out."""
         params, grads, records = [], [], []
         for param in group["params"]:
             if not param.requires_grad:  # frozen: never changed, even with a stale gradient
