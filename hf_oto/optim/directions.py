@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -98,6 +99,50 @@ class Block:
         return self._view(self._grad)
 
 
+@dataclass
+class Batch:
+    """The parameters of one param group that take this step, as HSPG hands them to a [`BaseDirection`].
+
+    Attributes:
+        group (`dict`):
+            The param group (its hyper-parameters: `lr`, `weight_decay`, `momentum`, `betas`, ...).
+        params (`list[torch.Tensor]`):
+            The trainable parameters of the group that take the step.
+        grads (`list[torch.Tensor]`):
+            Their gradients of `f` (zeros for a penalised member without one).
+        states (`list[dict]`):
+            Their optimizer state, `optimizer.state[param]`.
+        members (`list[bool]`):
+            Whether each is a penalised member (updated by blocks) rather than a parameter outside the ZIGs.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_oto.optim.directions import Batch
+
+    >>> batch = Batch({"lr": 0.1}, [torch.zeros(2)], [torch.ones(2)], [{}], [False])
+    >>> len(batch.subset([0]).params)
+    1
+    ```
+    """
+
+    group: dict[str, Any]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    states: list[dict[str, Any]]
+    members: list[bool]
+
+    def subset(self, indices: Sequence[int]) -> Batch:
+        """The parameters at `indices` (in that order), with the same group."""
+        params, grads, states, members = ([values[i] for i in indices] for values in self._columns())
+        return Batch(self.group, params, grads, states, members)
+
+    def _columns(self) -> tuple[list[Any], ...]:
+        """The per-parameter lists, in the order of the fields."""
+        return self.params, self.grads, self.states, self.members
+
+
 class BaseDirection(ABC):
     """The contract of a base direction of HSPG (see the module docstring for how one is added).
 
@@ -130,27 +175,12 @@ class BaseDirection(ABC):
         return param.dtype
 
     @abstractmethod
-    def prepare(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[dict[str, Any]],
-        members: Sequence[bool],
-    ) -> list[Any]:
-        """Creates and advances the state of the parameters of `group` that take this step; returns one context per
-        parameter, handed back to `plain_step`, `divisor` and `block`. `members[i]` tells whether `params[i]` is a
-        penalised member (updated by blocks) or a parameter outside the ZIGs."""
+    def prepare(self, batch: Batch) -> list[Any]:
+        """Creates and advances the state of the parameters of `batch`; returns one context per parameter, handed
+        back to `plain_step`, `divisor` and `block`."""
 
     @abstractmethod
-    def plain_step(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[dict[str, Any]],
-        contexts: list[Any],
-    ) -> None:
+    def plain_step(self, batch: Batch, contexts: list[Any]) -> None:
         """`x <- x - lr * d` for parameters outside the ZIGs (no penalty), with the optimizer's own weight decay."""
 
     def divisor(self, context: Any) -> float:
@@ -252,36 +282,23 @@ class SGDDirection(BaseDirection):
     state_keys = ("momentum_buffer",)
     decoupled = False
 
-    def prepare(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[dict[str, Any]],
-        members: Sequence[bool],
-    ) -> list[bool]:
+    def prepare(self, batch: Batch) -> list[bool]:
         """Advances the step counters and gives each member without a momentum buffer an uninitialised one; the
         context of a parameter says whether its buffer is new (filled by its first block)."""
-        _step_counters(states)
+        _step_counters(batch.states)
         new = []
-        for param, state, member in zip(params, states, members):
-            created = member and group["momentum"] != 0 and state.get("momentum_buffer") is None
+        for param, state, member in zip(batch.params, batch.states, batch.members):
+            created = member and batch.group["momentum"] != 0 and state.get("momentum_buffer") is None
             if created:
                 state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.contiguous_format)
             new.append(created)
         return new
 
-    def plain_step(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[dict[str, Any]],
-        contexts: list[Any],
-    ) -> None:
+    def plain_step(self, batch: Batch, contexts: list[Any]) -> None:
         """Torch's foreach SGD."""
+        group, params, states = batch.group, batch.params, batch.states
         lr, weight_decay, momentum, nesterov = group["lr"], group["weight_decay"], group["momentum"], group["nesterov"]
-        directions = grads
+        directions = batch.grads
         if weight_decay != 0:
             directions = torch._foreach_add(directions, params, alpha=weight_decay)
         if momentum != 0:
@@ -386,20 +403,13 @@ class AdamWDirection(BaseDirection):
         """Float32 for a float16 / bfloat16 parameter, else its own dtype."""
         return _moment_dtype(param)
 
-    def prepare(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[dict[str, Any]],
-        members: Sequence[bool],
-    ) -> list[_AdamStep]:
+    def prepare(self, batch: Batch) -> list[_AdamStep]:
         """Creates the moments (or casts them to the parameter's moment dtype) and updates them, as torch's foreach
         AdamW; returns the bias corrections of each parameter."""
-        beta1, beta2 = group["betas"]
-        grads = list(grads)
+        beta1, beta2 = batch.group["betas"]
+        grads = list(batch.grads)
         exp_avgs, exp_avg_sqs, steps = [], [], []
-        for index, (param, state) in enumerate(zip(params, states)):
+        for index, (param, state) in enumerate(zip(batch.params, batch.states)):
             dtype = _moment_dtype(param)
             if "exp_avg" not in state:  # (the target mode may have put its own entries in a member's state)
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -419,16 +429,10 @@ class AdamWDirection(BaseDirection):
         step_values = [step.item() for step in steps]  # CPU scalars, as torch's non-capturable AdamW
         return [_AdamStep(1 - beta1**step, math.sqrt(1 - beta2**step)) for step in step_values]
 
-    def plain_step(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[dict[str, Any]],
-        contexts: list[_AdamStep],
-    ) -> None:
+    def plain_step(self, batch: Batch, contexts: list[_AdamStep]) -> None:
         """Torch's foreach AdamW update; a float16 / bfloat16 parameter is updated from its float32 moments in
         float32 and rounded to its dtype once."""
+        group, params, states = batch.group, batch.params, batch.states
         lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
         plain = []
         for index, (param, state, context) in enumerate(zip(params, states, contexts)):

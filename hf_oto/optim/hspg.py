@@ -31,7 +31,7 @@ from transformers.utils import logging
 from .._checks import require_finite
 from ..costs import GroupCosts
 from ..zig.groups import ZIGSet
-from .directions import BaseDirection, Block, get_direction, state_keys
+from .directions import BaseDirection, Batch, Block, get_direction, state_keys
 from .group_ops import Blocks, grouped, sparsity_budget, squared_norms
 from .target import MODES, PruningTarget, Schedule, TargetSelection
 
@@ -761,16 +761,11 @@ class HSPG(Optimizer):
                 continue
             direction = get_direction(group["variant"])
             states = [self.state[param] for param in params]
-            contexts = direction.prepare(group, params, grads, states, [record is not None for record in records])
+            batch = Batch(group, params, grads, states, [record is not None for record in records])
+            contexts = direction.prepare(batch)
             plain = [i for i, record in enumerate(records) if record is None]
             if plain:
-                direction.plain_step(
-                    group,
-                    [params[i] for i in plain],
-                    [grads[i] for i in plain],
-                    [states[i] for i in plain],
-                    [contexts[i] for i in plain],
-                )
+                direction.plain_step(batch.subset(plain), [contexts[i] for i in plain])
             for i, record in enumerate(records):
                 if record is not None:
                     self._member_step(
