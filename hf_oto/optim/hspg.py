@@ -8,6 +8,12 @@ stages (Algorithm 2 of the paper):
 2. **Half-space stage**: the same trial point `x~ = x - lr * d`, followed by the half-space projection (eq. 6): a
    non-zero group whose trial point leaves the half-space `x~_g^T x_g >= epsilon * ||x_g||^2` is set to exactly zero,
    and groups that are zero stay zero for the rest of training.
+
+This module is the orchestration, written once for every base direction and both modes: the ZIG membership of the
+parameters, the stages, the sparsity bounds, the group-lasso penalty, the half-space test and projection, and the
+zeroing of dropped groups in the parameters and the optimizer state. The base direction `d` of `f` (SGD with momentum,
+AdamW, or any direction registered by name) comes from `hf_oto.optim.directions`; the per-group views, norms and
+budgets from `hf_oto.optim.group_ops`; the target mode's saliency, selection and ramps from `hf_oto.optim.target`.
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ from transformers.utils import logging
 from .._checks import require_finite
 from ..costs import GroupCosts
 from ..zig.groups import ZIGSet
+from .directions import BaseDirection, Batch, Block, get_direction, state_keys
+from .group_ops import Blocks, grouped, sparsity_budget, squared_norms
 from .target import MODES, PruningTarget, Schedule, TargetSelection
 
 
 logger = logging.get_logger(__name__)
 
-VARIANTS = ("sgd", "adamw")
 INITIALIZATION = "initialization"
 HALF_SPACE = "half_space"
 
@@ -52,90 +59,8 @@ class _Member:
     num_groups: int
     group: dict[str, Any]
     squared_norm: torch.Tensor  # [num_groups], ||x_{m,g}||^2 at x_k
-    live: torch.Tensor | None = None  # half-space stage, family with zero groups: [num_groups] 1 (non-zero) / 0 (zero)
+    live: torch.Tensor | None = None  # family with zero groups kept at zero: [num_groups] 1 (non-zero) / 0 (zero)
     d_dot_x: torch.Tensor | None = None  # [num_groups], d_{m,g}^T x_{m,g} at x_k (half-space stage only)
-
-
-def _grouped(tensor: torch.Tensor, dim: int, num_groups: int) -> torch.Tensor:
-    """A view of `tensor` whose group axis is explicit: `[num_groups, -1]` for `dim == 0`, else unflattened."""
-    if dim == 0 and tensor.is_contiguous():
-        return tensor.view(num_groups, -1)
-    return tensor.unflatten(dim, (num_groups, -1))
-
-
-def _per_group(values: torch.Tensor, grouped: torch.Tensor, dim: int) -> torch.Tensor:
-    """`values` (`[num_groups]`) shaped to broadcast against `_grouped(tensor, dim, num_groups)`."""
-    if dim == 0 and grouped.dim() == 2:
-        return values.view(-1, 1)
-    shape = [1] * grouped.dim()
-    shape[dim] = values.numel()
-    return values.view(shape)
-
-
-class _Blocks:
-    """The blocks of whole groups in which one penalised parameter is updated, and views of its tensors by block.
-
-    For `dim == 0` (every member `build_zigs` produces) a block is a range of rows of the `[num_groups, -1]` view
-    holding at most `_BLOCK` elements per thread (at least one group); otherwise the whole grouped tensor is one block.
-    """
-
-    def __init__(self, member: _Member):
-        self.dim, self.num_groups = member.dim, member.num_groups
-        self.flat = self.dim == 0 and member.param.is_contiguous()  # channels_last: the unflattened path
-        if self.flat:
-            block = _BLOCK * max(1, torch.get_num_threads())
-            rows = max(1, block // max(1, member.param.numel() // max(1, self.num_groups)))
-            self.ranges = [(start, min(start + rows, self.num_groups)) for start in range(0, self.num_groups, rows)]
-        else:
-            self.ranges = [(0, self.num_groups)]
-
-    def view(self, tensor: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-        if self.flat:
-            return tensor.view(self.num_groups, -1)[block[0] : block[1]]
-        return tensor.unflatten(self.dim, (self.num_groups, -1))  # one layout for the param, its grad and state
-
-    def per_group(self, values: torch.Tensor, block: tuple[int, int], view: torch.Tensor) -> torch.Tensor:
-        """`values` (`[num_groups]`) restricted to `block`, shaped to broadcast against `view`."""
-        if self.flat:
-            return values[block[0] : block[1]].unsqueeze(1)
-        return _per_group(values, view, self.dim)
-
-    def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The per-group dot products `a_g^T b_g` of two block views, accumulated in float32 at least."""
-        if a.dtype not in (torch.float32, torch.float64):
-            a, b = a.float(), b.float()
-        if self.flat:
-            return torch.linalg.vecdot(a, b)
-        return (a * b).sum(dim=[d for d in range(a.dim()) if d != self.dim])
-
-
-def _low_precision(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is float16 or bfloat16, whose AdamW step HSPG computes in float32."""
-    return tensor.dtype in (torch.float16, torch.bfloat16)
-
-
-def _moment_dtype(param: torch.Tensor) -> torch.dtype:
-    """The dtype of the Adam moments of `param`: float32 for a float16 / bfloat16 parameter, else its own.
-
-    In float16 the second moment of a gradient below ~1e-4 underflows to 0 while the first does not, and
-    `eps = 1e-8` rounds to 0: the step `m / (sqrt(v) + eps)` is then huge, or `0 / 0 = NaN` in the zero groups
-    (`torch.optim.AdamW` turns a float16 model into NaN in one step for that reason; its fused variant into weights of
-    thousands). Float32 moments and a float32 update, rounded to the parameter's dtype once, stay finite.
-    """
-    return torch.float32 if _low_precision(param) else param.dtype
-
-
-def _row_squared_norm(a: torch.Tensor, dim: int, num_groups: int) -> torch.Tensor:
-    """`[num_groups]` tensor of the squared group norms `||a_g||^2`, in float32 at least."""
-    if dim == 0 and a.is_contiguous():
-        view = a.view(num_groups, -1)
-        if view.dtype not in (torch.float32, torch.float64):
-            view = view.float()
-        return torch.linalg.vector_norm(view, dim=1).square()
-    grouped = _grouped(a, dim, num_groups)
-    if grouped.dtype not in (torch.float32, torch.float64):
-        grouped = grouped.float()
-    return grouped.square().sum(dim=[d for d in range(grouped.dim()) if d != dim])
 
 
 class HSPG(Optimizer):
@@ -169,6 +94,9 @@ class HSPG(Optimizer):
       lmbda * zeta)`. Adam's normalisation would otherwise rescale the penalty by the inverse gradient magnitude;
       decoupled, `lmbda` means the same thing whatever the scale of the loss, and `lmbda=0` with no half-space step is
       exactly `torch.optim.AdamW`.
+
+    Each is a [`~hf_oto.optim.directions.BaseDirection`] registered under its name; another one is added by writing
+    one subclass and decorating it with [`~hf_oto.optim.directions.register_direction`] (see that module).
 
     **Missing gradients.** Parameters whose `grad` is `None` are skipped, as in torch. A family none of whose
     members has a gradient is skipped entirely (it keeps its values, and its zero groups stay zero); a penalised
@@ -229,7 +157,8 @@ class HSPG(Optimizer):
         init_steps (`int`, *optional*, defaults to 0):
             Number of `step()` calls of the initialization stage. Optimizer-wide.
         variant (`str`, *optional*, defaults to `"adamw"`):
-            Base direction: `"adamw"` or `"sgd"`.
+            Base direction: `"adamw"`, `"sgd"`, or the name of another registered
+            [`~hf_oto.optim.directions.BaseDirection`].
         momentum (`float`, *optional*, defaults to 0.9):
             Momentum of the `"sgd"` variant, in `[0, 1)`.
         nesterov (`bool`, *optional*, defaults to `False`):
@@ -318,8 +247,7 @@ class HSPG(Optimizer):
             raise ValueError(
                 f"`zigs` must be a ZIGSet (e.g. from `hf_oto.build_zigs(model)`); got {type(zigs).__name__}."
             )
-        if variant not in VARIANTS:
-            raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
+        get_direction(variant)  # an unknown variant is refused here
         if mode not in MODES:
             raise ValueError(f"Unknown mode {mode!r}; choose one of {MODES}.")
         if not isinstance(init_steps, int) or isinstance(init_steps, bool) or init_steps < 0:
@@ -427,14 +355,22 @@ class HSPG(Optimizer):
         group.setdefault("step_count", max((g.get("step_count", 0) for g in self.param_groups), default=0))
         group.setdefault("skipped_steps", max((g.get("skipped_steps", 0) for g in self.param_groups), default=0))
 
+    def _positions(self) -> dict[int, tuple[int, int]]:
+        """The position `(param group, index)` of every parameter, by tensor identity (at construction only)."""
+        return {
+            id(param): (group_index, param_index)
+            for group_index, group in enumerate(self.param_groups)
+            for param_index, param in enumerate(group["params"])
+        }
+
     def _assign_zig_membership(self, zigs: ZIGSet) -> None:
-        # A map from tensor identity to position, used only here, at construction.
-        position = {}
-        for group_index, group in enumerate(self.param_groups):
-            for param_index, param in enumerate(group["params"]):
-                position[id(param)] = (group_index, param_index)
+        """Writes the ZIG membership of every parameter into the param groups (`zig_family`, `zig_dim`,
+        `zig_num_groups`) and keeps, per family, the positions and dims of its members (`_family_members`, in the
+        order of the ZIGSet, empty for a family kept out by a frozen member left out of `params`)."""
+        position = self._positions()
         missing = []
         frozen_out: set[int] = set()
+        self._family_members: list[list[tuple[tuple[int, int], int]]] = [[] for _ in zigs.families]
         for family_index, family in enumerate(zigs.families):
             for member in family.members:
                 param = zigs.parameter(member.param_name)
@@ -446,6 +382,7 @@ class HSPG(Optimizer):
                         frozen_out.add(family_index)
                     continue
                 group_index, param_index = position[id(param)]
+                self._family_members[family_index].append(((group_index, param_index), member.dim))
                 group = self.param_groups[group_index]
                 group["zig_family"][param_index] = family_index
                 group["zig_dim"][param_index] = member.dim
@@ -456,6 +393,8 @@ class HSPG(Optimizer):
                 if family_index in frozen_out:
                     group["zig_family"][param_index], group["zig_dim"][param_index] = -1, -1
                     group["zig_num_groups"][param_index] = 0
+        for family_index in frozen_out:
+            self._family_members[family_index] = []
         self._frozen_out = frozen_out
         present_frozen = {
             family
@@ -608,7 +547,7 @@ class HSPG(Optimizer):
                         "with the groups of the checkpoint, or: " + _START_FRESH
                     )
                 state = state_dict["state"].get(saved["params"][position], {})
-                for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                for key in state_keys():
                     value = state.get(key)
                     if isinstance(value, torch.Tensor) and value.shape != param.shape:
                         raise ValueError(
@@ -711,6 +650,46 @@ class HSPG(Optimizer):
             self._log_frozen(frozen | self._frozen_out)
 
         # Phase 0: group norms at x_k, batched per parameter and accumulated per family.
+        members, all_members, family_squared, family_size = self._members(active, frozen)
+        if self._selection is not None:
+            # Target mode: the groups are chosen by the selection (on its schedule) and get no penalty.
+            self._select_on_schedule(count, family_squared, frozen)
+            inverse_norm = {family: torch.zeros_like(squared) for family, squared in family_squared.items()}
+            keep_zero, half_space = True, False
+        else:
+            inverse_norm = self._inverse_norms(family_squared, family_size)
+            keep_zero = half_space
+
+        # In the half-space stage (and in the target mode) the groups that are zero at x_k stay zero: one host sync
+        # tells which families have any, and only their members mask those rows (of the direction and of the
+        # optimizer state) in the fused pass below.
+        if keep_zero:
+            self._mark_live(members, family_squared)
+
+        # Phase A: the update x <- x - lr * d. Parameters outside the ZIGs take the base direction's own step; each
+        # penalised member is updated in one fused pass over blocks of its groups, which also yields d_g^T x_g at x_k.
+        self._base_step(members, inverse_norm, half_space)
+
+        # Phase B: the projection. Paper mode: the half-space test per family, from the norms and dot products at
+        # x_k; target mode: the ramps. The rows of the newly dropped groups are then set to zero in the parameters
+        # and in the optimizer state.
+        drop: dict[int, torch.Tensor] = {}
+        if self._selection is not None:
+            drop = self._selection.ramp(count, frozen)
+        elif half_space and members:
+            drop = self._half_space_drop(members, family_squared, family_size)
+        if drop:
+            self._zero_dropped(all_members, drop, family_size)
+
+        for group in self.param_groups:
+            group["step_count"] = count + 1
+        return loss
+
+    def _members(
+        self, active: set[int], frozen: set[int]
+    ) -> tuple[list[_Member], list[_Member], dict[int, torch.Tensor], dict[int, int]]:
+        """The penalised members of the `active` families and of every family not `frozen`, with the squared group
+        norms of every family at x_k and its number of groups."""
         members: list[_Member] = []
         all_members: list[_Member] = []
         family_squared: dict[int, torch.Tensor] = {}
@@ -722,7 +701,7 @@ class HSPG(Optimizer):
                 if family < 0:
                     continue
                 _check_not_sharded(param, f"a member of family {family}")
-                squared = _row_squared_norm(param.detach(), dim, num_groups)
+                squared = squared_norms(param.detach(), dim, num_groups)
                 family_squared[family] = squared if family not in family_squared else family_squared[family] + squared
                 family_size[family] = num_groups
                 if family in frozen:
@@ -731,44 +710,34 @@ class HSPG(Optimizer):
                 all_members.append(record)
                 if family in active:
                     members.append(record)
-        if self._selection is not None:
-            self._target_step(count, members, all_members, family_squared, family_size, frozen)
-            for group in self.param_groups:
-                group["step_count"] = count + 1
-            return loss
+        return members, all_members, family_squared, family_size
+
+    def _inverse_norms(
+        self, family_squared: dict[int, torch.Tensor], family_size: dict[int, int]
+    ) -> dict[int, torch.Tensor]:
+        """Per family, `1 / ||x_g||` (0 for a zero group): the group-lasso subgradient is `lmbda * x_g / ||x_g||`.
+
+        All zeros once the sparsity bounds are filled (`max_group_sparsity` for every family, `max_family_sparsity`
+        for a full family): no further group may be zeroed, so the penalty could only shrink the kept groups; it is
+        switched off and they train on f alone (zero groups still stay zero)."""
         if self._bound_reached(family_squared, family_size):
-            # No further group may be zeroed: the penalty could only shrink the kept groups, so it is switched off
-            # and the kept groups train on f alone (zero groups still stay zero).
-            inverse_norm = {family: torch.zeros_like(squared) for family, squared in family_squared.items()}
-        else:
-            full = self._full_families(family_squared, family_size)
-            inverse_norm = {
-                family: torch.zeros_like(squared)
-                if family in full
-                else torch.where(squared > 0, squared.rsqrt(), torch.zeros_like(squared))
-                for family, squared in family_squared.items()
-            }
-        by_param = {id(member.param): member for member in members}  # local to this call
+            return {family: torch.zeros_like(squared) for family, squared in family_squared.items()}
+        full = self._full_families(family_squared, family_size)
+        return {
+            family: torch.zeros_like(squared)
+            if family in full
+            else torch.where(squared > 0, squared.rsqrt(), torch.zeros_like(squared))
+            for family, squared in family_squared.items()
+        }
 
-        # In the half-space stage the groups that are zero at x_k stay zero: one host sync tells which families have
-        # any, and only their members mask those rows (of the direction, the momentum or the Adam moments) in the
-        # fused pass below.
-        if half_space:
-            self._mark_live(members, family_squared)
-
-        # Phase A: the update x <- x - lr * d. Parameters outside the ZIGs take torch's foreach step; each penalised
-        # member is updated in one fused pass over blocks of its groups, which also yields d_g^T x_g at x_k.
-        self._base_step(by_param, inverse_norm, half_space)
-
-        # Phase B: the half-space test per family, from the norms and dot products at x_k; then the rows of the
-        # newly dropped groups are set to zero in the parameters and in the optimizer state.
-        if half_space and members:
-            drop = self._half_space_drop(members, family_squared, family_size)
-            self._zero_dropped(members, drop, family_size)
-
-        for group in self.param_groups:
-            group["step_count"] = count + 1
-        return loss
+    def _select_on_schedule(self, count: int, family_squared: dict[int, torch.Tensor], frozen: set[int]) -> None:
+        """Target mode, before the base step of step `count`: selects groups and accumulates saliency on schedule."""
+        schedule = self._selection.schedule
+        index = schedule.selection_index(count)
+        if index is not None:
+            self._selection.select(count, index, family_squared, frozen)
+        if schedule.scoring(count):
+            self._selection.accumulate_saliency()
 
     @staticmethod
     def _mark_live(members: list[_Member], family_squared: dict[int, torch.Tensor]) -> None:
@@ -783,40 +752,25 @@ class HSPG(Optimizer):
             if member.family in live:
                 member.live = live[member.family].to(member.param.dtype)
 
-    def _base_step(
-        self, by_param: dict[int, _Member], inverse_norm: dict[int, torch.Tensor], half_space: bool
-    ) -> None:
-        """x <- x - lr * d for every param group, with its variant's base direction."""
+    def _base_step(self, members: list[_Member], inverse_norm: dict[int, torch.Tensor], half_space: bool) -> None:
+        """x <- x - lr * d for every param group, with the base direction of its variant."""
+        by_param = {id(member.param): member for member in members}  # local to this call
         for group in self.param_groups:
-            if group["variant"] == "adamw":
-                self._adamw_step(group, by_param, inverse_norm, half_space)
-            else:
-                self._sgd_step(group, by_param, inverse_norm, half_space)
-
-    def _target_step(
-        self,
-        count: int,
-        members: list[_Member],
-        all_members: list[_Member],
-        family_squared: dict[int, torch.Tensor],
-        family_size: dict[int, int],
-        frozen: set[int],
-    ) -> None:
-        """One step of the target mode: select (on schedule), score, base step without penalty, ramp, project."""
-        selection = self._selection
-        schedule = selection.schedule
-        index = schedule.selection_index(count)
-        if index is not None:
-            selection.select(count, index, family_squared, frozen)
-        if schedule.scoring(count):
-            selection.accumulate_saliency()
-        # Zero groups stay zero: their rows of the direction and of the optimizer state are masked.
-        self._mark_live(members, family_squared)
-        inverse_norm = {family: torch.zeros_like(squared) for family, squared in family_squared.items()}
-        self._base_step({id(member.param): member for member in members}, inverse_norm, half_space=False)
-        drop = selection.ramp(count, frozen)
-        if drop:
-            self._zero_dropped(all_members, drop, family_size)
+            params, grads, records = self._gather(group, by_param)
+            if not params:
+                continue
+            direction = get_direction(group["variant"])
+            states = [self.state[param] for param in params]
+            batch = Batch(group, params, grads, states, [record is not None for record in records])
+            contexts = direction.prepare(batch)
+            plain = [i for i, record in enumerate(records) if record is None]
+            if plain:
+                direction.plain_step(batch.subset(plain), [contexts[i] for i in plain])
+            for i, record in enumerate(records):
+                if record is not None:
+                    self._member_step(
+                        record, direction, grads[i], states[i], contexts[i], inverse_norm[record.family], half_space
+                    )
 
     def _skip_nonfinite(self, count: int) -> bool:
         """Whether a gradient holds an `inf` or a `NaN` (one read of the gradients, one host sync); if so, counts the
@@ -854,7 +808,7 @@ class HSPG(Optimizer):
         if bound is None or not family_squared:
             return False
         zeros = sum((squared == 0).sum() for squared in family_squared.values())
-        return int(zeros) >= math.floor(bound * sum(family_size.values()) + 1e-9)
+        return int(zeros) >= sparsity_budget(bound, sum(family_size.values()))
 
     def _full_families(self, family_squared: dict[int, torch.Tensor], family_size: dict[int, int]) -> set[int]:
         """Families whose zero groups already fill `max_family_sparsity` (one host sync; empty without a bound)."""
@@ -863,7 +817,7 @@ class HSPG(Optimizer):
             return set()
         families = sorted(family_squared)
         zeros = torch.stack([(family_squared[f] == 0).sum() for f in families]).tolist()
-        return {f for f, count in zip(families, zeros) if count >= _family_budget(bound, family_size[f])}
+        return {f for f, count in zip(families, zeros) if count >= sparsity_budget(bound, family_size[f])}
 
     def _log_frozen(self, frozen: set[int]) -> None:
         """Logs (once per change) the families kept out of the penalty and projection by a frozen member."""
@@ -889,6 +843,8 @@ class HSPG(Optimizer):
     def _gather(
         self, group: dict[str, Any], by_param: dict[int, _Member]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[_Member | None]]:
+        """The parameters of `group` that take this step, their gradients of `f` (zeros for a penalised member
+        without one) and their member records (`None` outside the ZIGs); frozen parameters are left out."""
         params, grads, records = [], [], []
         for param in group["params"]:
             if not param.requires_grad:  # frozen: never changed, even with a stale gradient
@@ -906,251 +862,71 @@ class HSPG(Optimizer):
             records.append(member)
         return params, grads, records
 
-    def _adamw_step(
-        self,
-        group: dict[str, Any],
-        by_param: dict[int, _Member],
-        inverse_norm: dict[int, torch.Tensor],
-        half_space: bool,
-    ) -> None:
-        params, grads, records = self._gather(group, by_param)
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for index, param in enumerate(params):
-            state = self.state[param]
-            dtype = _moment_dtype(param)
-            if "exp_avg" not in state:  # (the target mode may have put its own entries in a member's state)
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-            elif state["exp_avg"].dtype != dtype:  # the model was cast to or from a low precision since
-                state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype)
-            if grads[index].dtype != dtype:
-                grads[index] = grads[index].to(dtype)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        # Moments of every parameter, as torch's foreach AdamW (in float32 for float16 / bfloat16 parameters).
-        torch._foreach_add_(steps, 1.0)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        step_values = [step.item() for step in steps]  # CPU scalars, as torch's non-capturable AdamW
-        bias_correction1 = [1 - beta1**step for step in step_values]
-        bias_correction2_sqrt = [math.sqrt(1 - beta2**step) for step in step_values]
-
-        plain = [i for i, record in enumerate(records) if record is None and not _low_precision(params[i])]
-        for i, record in enumerate(records):
-            if record is None and _low_precision(params[i]):
-                self._adamw_low_precision(
-                    params[i], exp_avgs[i], exp_avg_sqs[i], bias_correction1[i], bias_correction2_sqrt[i], group
-                )
-        if plain:
-            plain_params = [params[i] for i in plain]
-            denominators = torch._foreach_sqrt([exp_avg_sqs[i] for i in plain])
-            torch._foreach_div_(denominators, [bias_correction2_sqrt[i] for i in plain])
-            torch._foreach_add_(denominators, eps)
-            if weight_decay != 0:
-                torch._foreach_mul_(plain_params, 1 - lr * weight_decay)
-            torch._foreach_addcdiv_(
-                plain_params,
-                [exp_avgs[i] for i in plain],
-                denominators,
-                [-(lr / bias_correction1[i]) for i in plain],
-            )
-            del denominators
-        for i, record in enumerate(records):
-            if record is not None:
-                self._adamw_member(
-                    record,
-                    exp_avgs[i],
-                    exp_avg_sqs[i],
-                    bias_correction1[i],
-                    bias_correction2_sqrt[i],
-                    inverse_norm[record.family],
-                    half_space,
-                )
-
     @staticmethod
-    def _adamw_low_precision(
-        param: torch.Tensor,
-        exp_avg: torch.Tensor,
-        exp_avg_sq: torch.Tensor,
-        bias_correction1: float,
-        bias_correction2_sqrt: float,
-        group: dict[str, Any],
-    ) -> None:
-        """The AdamW update of a float16 / bfloat16 parameter outside the ZIGs, from its float32 moments, computed in
-        float32 and rounded to the parameter's dtype once (see `_moment_dtype`)."""
-        lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]
-        denominator = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
-        update = torch.div(exp_avg, denominator, out=denominator)
-        param.copy_(param.float().mul_(1 - lr * weight_decay).add_(update, alpha=-(lr / bias_correction1)))
-
-    @staticmethod
-    def _adamw_member(
+    def _member_step(
         member: _Member,
-        exp_avg: torch.Tensor,
-        exp_avg_sq: torch.Tensor,
-        bias_correction1: float,
-        bias_correction2_sqrt: float,
-        inverse_norm: torch.Tensor,
-        half_space: bool,
-    ) -> None:
-        """x <- (1 - lr * weight_decay - lr * lmbda / ||x_g||) * x - lr / bc1 * m / (sqrt(v / bc2) + eps), by block."""
-        group, param = member.group, member.param
-        lr, weight_decay, lmbda, eps = group["lr"], group["weight_decay"], group["lmbda"], group["eps"]
-        # float16 / bfloat16 parameters are updated in float32 from their float32 moments (see `_moment_dtype`).
-        low_precision = _low_precision(param)
-        compute_dtype = torch.float32 if low_precision else param.dtype
-        base = 1 - lr * weight_decay
-        shrink = (base - (lr * lmbda) * inverse_norm).to(compute_dtype) if lmbda != 0 else None
-        step_size = -(lr / bias_correction1)
-        blocks = _Blocks(member)
-        dots = []
-        for block in blocks.ranges:
-            stored = blocks.view(param, block)
-            x = stored.float() if low_precision else stored
-            exp_avg_block = blocks.view(exp_avg, block)
-            exp_avg_sq_block = blocks.view(exp_avg_sq, block)
-            if member.live is not None:  # zero groups: zero moments, hence a zero direction
-                live = blocks.per_group(member.live, block, x)
-                exp_avg_block.mul_(live)
-                exp_avg_sq_block.mul_(live)
-            denominator = torch.sqrt(exp_avg_sq_block.to(compute_dtype))
-            denominator.div_(bias_correction2_sqrt).add_(eps)
-            if member.live is not None and eps == 0:
-                denominator.add_(1 - live)  # 0 / 1 rather than 0 / 0 in the zero groups; + 0 elsewhere
-            if half_space:
-                direction = torch.div(exp_avg_block, denominator, out=denominator)
-                dots.append(blocks.dot(direction, x))
-            if shrink is not None:
-                x.mul_(blocks.per_group(shrink, block, x))
-            elif base != 1:
-                x.mul_(base)
-            if half_space:
-                x.add_(direction, alpha=step_size)
-            else:
-                x.addcdiv_(exp_avg_block, denominator, value=step_size)
-            if low_precision:
-                stored.copy_(x)
-        if half_space:
-            # d = dir / bc1 + (weight_decay + lmbda / ||x_g||) * x  (decoupled terms)
-            dot = torch.cat(dots) if len(dots) > 1 else dots[0]
-            coefficient = weight_decay + lmbda * inverse_norm
-            member.d_dot_x = dot / bias_correction1 + coefficient * member.squared_norm
-
-    def _sgd_step(
-        self,
-        group: dict[str, Any],
-        by_param: dict[int, _Member],
-        inverse_norm: dict[int, torch.Tensor],
-        half_space: bool,
-    ) -> None:
-        params, grads, records = self._gather(group, by_param)
-        if not params:
-            return
-        lr, weight_decay, momentum, nesterov = group["lr"], group["weight_decay"], group["momentum"], group["nesterov"]
-        steps = []
-        for param in params:
-            state = self.state[param]
-            if "step" not in state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            steps.append(state["step"])
-        torch._foreach_add_(steps, 1.0)
-
-        plain = [i for i, record in enumerate(records) if record is None]
-        if plain:  # torch's foreach SGD
-            plain_params = [params[i] for i in plain]
-            directions = [grads[i] for i in plain]
-            if weight_decay != 0:
-                directions = torch._foreach_add(directions, plain_params, alpha=weight_decay)
-            if momentum != 0:
-                states = [self.state[param] for param in plain_params]
-                if all(state.get("momentum_buffer") is not None for state in states):
-                    buffers = [state["momentum_buffer"] for state in states]
-                    torch._foreach_mul_(buffers, momentum)
-                    torch._foreach_add_(buffers, directions)
-                else:
-                    buffers = []
-                    for state, nu in zip(states, directions):
-                        buffer = state.get("momentum_buffer")
-                        if buffer is None:
-                            buffer = state["momentum_buffer"] = torch.clone(nu).detach()
-                        else:
-                            buffer.mul_(momentum).add_(nu)
-                        buffers.append(buffer)
-                directions = torch._foreach_add(directions, buffers, alpha=momentum) if nesterov else buffers
-            torch._foreach_add_(plain_params, directions, alpha=-lr)
-        for i, record in enumerate(records):
-            if record is not None:
-                self._sgd_member(record, grads[i], self.state[params[i]], inverse_norm[record.family], half_space)
-
-    @staticmethod
-    def _sgd_member(
-        member: _Member,
+        direction: BaseDirection,
         grad: torch.Tensor,
         state: dict[str, Any],
+        context: Any,
         inverse_norm: torch.Tensor,
         half_space: bool,
     ) -> None:
-        """nu = grad + (weight_decay + lmbda / ||x_g||) * x, buf = momentum * buf + nu, x <- x - lr * d, by block.
+        """x <- x - lr * d on one penalised member, in one fused pass over blocks of its groups.
 
-        With momentum and without Nesterov (the usual case) `nu` is never materialised: the penalty is added to the
-        buffer in place, `buf = (momentum * buf + grad) + coefficient * x`.
+        `d` is the base direction plus `c_g x_g`, `c_g = weight_decay + lmbda / ||x_g||`: decoupled,
+        `x <- (1 - lr * c_g) * x - lr * base`; coupled, the direction's gradient is `grad + c_g * x`. In the half-space
+        stage the pass also yields `d_g^T x_g` at x_k.
         """
         group, param = member.group, member.param
-        lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
-        penalised = group["lmbda"] != 0 or group["weight_decay"] != 0
-        coefficient = (group["lmbda"] * inverse_norm + group["weight_decay"]).to(param.dtype)
-        buffer, new = None, False
-        if momentum != 0:
-            buffer = state.get("momentum_buffer")
-            if buffer is None:
-                buffer = state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.contiguous_format)
-                new = True
-        live = member.live  # zero groups (half-space stage): zero nu and momentum, hence a zero direction
-        blocks = _Blocks(member)
+        lr, weight_decay, lmbda = group["lr"], group["weight_decay"], group["lmbda"]
+        dtype = direction.compute_dtype(param)  # e.g. float32 for a float16 parameter under AdamW
+        penalty, penalised, shrink, base = None, False, None, 1.0
+        if direction.decoupled:
+            base = 1 - lr * weight_decay
+            shrink = (base - (lr * lmbda) * inverse_norm).to(dtype) if lmbda != 0 else None
+        else:
+            penalised = lmbda != 0 or weight_decay != 0
+            penalty = (lmbda * inverse_norm + weight_decay).to(dtype)
+        divisor = direction.divisor(context)
+        step_size = -(lr / divisor)
+        keys = [key for key in direction.state_keys if state.get(key) is not None]
+        blocks = Blocks(param, member.dim, member.num_groups, _BLOCK)
         dots = []
-        for block in blocks.ranges:
-            x = blocks.view(param, block)
-            grad_block = blocks.view(grad, block)
-            if buffer is not None and not nesterov:
-                direction = blocks.view(buffer, block)
-                if new:
-                    direction.copy_(grad_block)
-                    if live is not None:
-                        direction.mul_(blocks.per_group(live, block, x))
-                elif live is not None:
-                    direction.mul_(blocks.per_group(momentum * live, block, x))
-                    direction.addcmul_(grad_block, blocks.per_group(live, block, x))
-                else:
-                    direction.mul_(momentum).add_(grad_block)
-                if penalised:
-                    direction.addcmul_(x, blocks.per_group(coefficient, block, x))
-            else:
-                nu = torch.addcmul(grad_block, x, blocks.per_group(coefficient, block, x))
-                if live is not None:
-                    nu.mul_(blocks.per_group(live, block, x))
-                if buffer is None:
-                    direction = nu
-                else:
-                    buffer_block = blocks.view(buffer, block)
-                    if new:
-                        buffer_block.copy_(nu)
-                    elif live is not None:
-                        buffer_block.mul_(blocks.per_group(momentum * live, block, x)).add_(nu)
-                    else:
-                        buffer_block.mul_(momentum).add_(nu)
-                    direction = nu.add_(buffer_block, alpha=momentum)  # Nesterov
+        for rows in blocks.ranges:
+            stored = blocks.view(param, rows)
+            x = stored if stored.dtype == dtype else stored.to(dtype)
+            block = Block(
+                x,
+                lambda tensor, rows=rows: blocks.view(tensor, rows),
+                grad,
+                {key: blocks.view(state[key], rows) for key in keys},
+                None if member.live is None else blocks.per_group(member.live, rows, x),
+                None if penalty is None else blocks.per_group(penalty, rows, x),
+                penalised,
+            )
+            numerator, denominator = direction.block(group, block, context)
             if half_space:
-                dots.append(blocks.dot(direction, x))
-            x.add_(direction, alpha=-lr)
+                if denominator is not None:
+                    numerator, denominator = torch.div(numerator, denominator, out=denominator), None
+                dots.append(blocks.dot(numerator, x))
+            if shrink is not None:
+                x.mul_(blocks.per_group(shrink, rows, x))
+            elif base != 1:
+                x.mul_(base)
+            if denominator is None:
+                x.add_(numerator, alpha=step_size)
+            else:
+                x.addcdiv_(numerator, denominator, value=step_size)
+            if x is not stored:
+                stored.copy_(x)
         if half_space:
-            member.d_dot_x = torch.cat(dots) if len(dots) > 1 else dots[0]
+            dot = torch.cat(dots) if len(dots) > 1 else dots[0]
+            if divisor != 1:
+                dot = dot / divisor
+            if direction.decoupled:  # d = base + (weight_decay + lmbda / ||x_g||) * x
+                dot = dot + (weight_decay + lmbda * inverse_norm) * member.squared_norm
+            member.d_dot_x = dot
 
     def _half_space_drop(
         self,
@@ -1177,7 +953,7 @@ class HSPG(Optimizer):
         max_family_sparsity = self.param_groups[0].get("max_family_sparsity")
         if max_family_sparsity is not None:
             for f in families:
-                budget = (_family_budget(max_family_sparsity, family_size[f]) - (~nonzero[f]).sum()).clamp(min=0)
+                budget = (sparsity_budget(max_family_sparsity, family_size[f]) - (~nonzero[f]).sum()).clamp(min=0)
                 score = torch.where(candidates[f], ratio[f], torch.full_like(ratio[f], math.inf))
                 rank = torch.empty_like(score, dtype=torch.long)
                 rank[torch.argsort(score, stable=True)] = torch.arange(score.numel(), device=score.device)
@@ -1187,7 +963,7 @@ class HSPG(Optimizer):
         if max_group_sparsity is not None:
             total = sum(family_size.values())
             zeros = sum((family_squared[f] == 0).sum() for f in family_squared)
-            budget = (math.floor(max_group_sparsity * total + 1e-9) - zeros).clamp(min=0)
+            budget = (sparsity_budget(max_group_sparsity, total) - zeros).clamp(min=0)
             flat_candidates = torch.cat([candidates[f] for f in families])
             flat_ratio = torch.cat([ratio[f] for f in families])
             score = torch.where(flat_candidates, flat_ratio, torch.full_like(flat_ratio, math.inf))
@@ -1227,12 +1003,12 @@ class HSPG(Optimizer):
             if rows is None:
                 continue
             axis = 0 if member.dim == 0 else member.dim
-            _grouped(member.param, member.dim, member.num_groups).index_fill_(axis, rows, 0)
+            grouped(member.param, member.dim, member.num_groups).index_fill_(axis, rows, 0)
             state = self.state[member.param]
-            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+            for key in state_keys():
                 buffer = state.get(key)
                 if buffer is not None:
-                    _grouped(buffer, member.dim, member.num_groups).index_fill_(axis, rows, 0)
+                    grouped(buffer, member.dim, member.num_groups).index_fill_(axis, rows, 0)
 
 
 def _check_not_sharded(param: torch.Tensor, name: str) -> None:
@@ -1332,8 +1108,3 @@ def _validate_hyperparameters(values: dict[str, Any], where: str) -> None:
         raise ValueError(f"Invalid eps{where}: {values['eps']}; it must be >= 0.")
     if values["weight_decay"] < 0:
         raise ValueError(f"Invalid weight_decay{where}: {values['weight_decay']}; it must be >= 0.")
-
-
-def _family_budget(bound: float, num_groups: int) -> int:
-    """How many groups of a family of `num_groups` `max_family_sparsity=bound` lets HSPG zero."""
-    return math.floor(bound * num_groups + 1e-9)

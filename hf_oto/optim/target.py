@@ -28,7 +28,6 @@ Everything this mode keeps lives in the optimizer state of the first member of e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,7 @@ import torch
 from transformers.utils import logging
 
 from ..costs import COST_KINDS, GroupCosts
+from .group_ops import grouped, per_group, sparsity_budget, squared_norms
 
 
 if TYPE_CHECKING:
@@ -188,35 +188,30 @@ class TargetSelection:
                 f"max_kind_sparsity names kinds of groups this model does not train: {unknown}; its kinds are "
                 f"{sorted(set(self.kinds))}."
             )
-        position = {}
-        for group_index, group in enumerate(optimizer.param_groups):
-            for param_index, param in enumerate(group["params"]):
-                position[id(param)] = (group_index, param_index)
-        # Per family: positions (param group, index) of its penalised members with their dim, and of the dependent
-        # slices `(position, dim, start, length)` whose Taylor term scores it.
-        self.members: list[list[tuple[tuple[int, int], int]]] = []
+        # Per family: positions (param group, index) of its penalised members with their dim (the optimizer's
+        # membership), and of the dependent slices `(position, dim, start, length)` whose Taylor term scores it.
+        self.members: list[list[tuple[tuple[int, int], int]]] = optimizer._family_members
         self.dependents: list[list[tuple[tuple[int, int], int, int, int]]] = []
         # Families with a frozen member left out of the optimizer's params: never selected, scored or ramped.
         self.excluded: set[int] = set(getattr(optimizer, "_frozen_out", ()))
+        position = optimizer._positions()
         for index, family in enumerate(zigs.families):
-            if index in self.excluded:
-                self.members.append([])
-                self.dependents.append([])
-                continue
-            members = []
-            for member in family.members:
-                param = zigs.parameter(member.param_name)
-                members.append((position[id(param)], member.dim))
-            dependents = []
-            for dependent in family.dependents:
-                param = zigs.parameter(dependent.param_name)
-                if id(param) not in position or not param.requires_grad:
-                    dependents = []  # an incomplete output-side score would mislead: use the members' term
-                    break
-                start, length = dependent.region(param.shape[dependent.dim])
-                dependents.append((position[id(param)], dependent.dim, start, length))
-            self.members.append(members)
-            self.dependents.append(dependents)
+            self.dependents.append([] if index in self.excluded else self._dependent_slices(zigs, family, position))
+
+    @staticmethod
+    def _dependent_slices(
+        zigs: ZIGSet, family: Any, position: Mapping[int, tuple[int, int]]
+    ) -> list[tuple[tuple[int, int], int, int, int]]:
+        """The dependent slices `(position, dim, start, length)` of `family`, or `[]` if one is not trained (an
+        incomplete output-side score would mislead: the members' term is used instead)."""
+        dependents = []
+        for dependent in family.dependents:
+            param = zigs.parameter(dependent.param_name)
+            if id(param) not in position or not param.requires_grad:
+                return []
+            start, length = dependent.region(param.shape[dependent.dim])
+            dependents.append((position[id(param)], dependent.dim, start, length))
+        return dependents
 
     # ----------------------------------------------------------------------------------------------------------
     # State
@@ -325,7 +320,7 @@ class TargetSelection:
             kind_total[kind] = kind_total.get(kind, 0) + self.num_groups[family]
             kind_removed[kind] = kind_removed.get(kind, 0) + counts[family]
         kind_cap = {
-            kind: math.floor(self.target.max_kind_sparsity.get(kind, 1.0) * total + 1e-9)
+            kind: sparsity_budget(self.target.max_kind_sparsity.get(kind, 1.0), total)
             for kind, total in kind_total.items()
         }
 
@@ -396,7 +391,7 @@ class TargetSelection:
         cap = self.num_groups[family] - self.target.min_kept_per_family
         bound = self.optimizer.param_groups[0].get("max_family_sparsity")
         if bound is not None:
-            cap = min(cap, math.floor(bound * self.num_groups[family] + 1e-9))
+            cap = min(cap, sparsity_budget(bound, self.num_groups[family]))
         return max(cap, 0)
 
     def _reset_saliency(self) -> None:
@@ -428,9 +423,7 @@ class TargetSelection:
             params = [(self._param(position), dim) for position, dim in self.members[family]]
             squared = None
             for param, dim in params:
-                grouped = param.detach().unflatten(dim, (self.num_groups[family], -1))
-                values = grouped.float() if grouped.dtype not in (torch.float32, torch.float64) else grouped
-                contribution = values.square().sum(dim=[d for d in range(values.dim()) if d != dim])
+                contribution = squared_norms(param.detach(), dim, self.num_groups[family], sum_of_squares=True)
                 squared = contribution if squared is None else squared + contribution
             norm = squared.sqrt()
             ending = ramping & (radius == 0)
@@ -440,10 +433,8 @@ class TargetSelection:
                     shrink, radius / norm.clamp(min=torch.finfo(norm.dtype).tiny), torch.ones_like(norm)
                 )
                 for param, dim in params:
-                    grouped = param.detach().unflatten(dim, (self.num_groups[family], -1))
-                    shape = [1] * grouped.dim()
-                    shape[dim] = self.num_groups[family]
-                    grouped.mul_(scale.to(param.dtype).view(shape))
+                    view = grouped(param.detach(), dim, self.num_groups[family])
+                    view.mul_(per_group(scale.to(param.dtype), view, dim))
             if bool(ending.any()):
                 drop[family] = ending
         return drop
