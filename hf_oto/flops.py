@@ -16,6 +16,7 @@ total and do not change with pruning in a way that matters for comparisons.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,6 +101,22 @@ def clamp_flops_seq_length(model: nn.Module, seq_length: int) -> int:
     return seq_length
 
 
+def image_size(config: Any, default: int = 224) -> tuple[int, int]:
+    """(height, width) of the images a vision model takes: `config.image_size` (an int or a pair), else `default` (224;
+    the conv-net tracer uses 32, the CIFAR size). The one rule for dummy images (FLOPs, tracing, ONNX feeds).
+
+    Example:
+
+    ```python
+    >>> from types import SimpleNamespace
+    >>> image_size(SimpleNamespace(image_size=[28, 32])), image_size(None, default=32)
+    ((28, 32), (32, 32))
+    ```
+    """
+    size = getattr(config, "image_size", None) or default
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+
+
 def dummy_inputs(model: nn.Module, seq_length: int = 128, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """Dummy inputs for `model.main_input_name`: token ids of length `seq_length`, or pixels at `config.image_size`."""
     config = getattr(model, "config", None)
@@ -107,8 +124,7 @@ def dummy_inputs(model: nn.Module, seq_length: int = 128, batch_size: int = 1) -
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     if main_input == "pixel_values":
-        size = getattr(config, "image_size", 224)
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        size = image_size(config)
         channels = getattr(config, "num_channels", 3)
         dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
         return {"pixel_values": torch.zeros(batch_size, channels, *size, device=device, dtype=dtype)}

@@ -30,6 +30,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .atomic_folder import atomic_folder, check_replaceable
+from .flops import image_size
 
 
 logger = logging.get_logger(__name__)
@@ -212,20 +213,13 @@ def _dummy_feed(input_names: list[str], config: Any, batch_size: int, seq_length
             feed[name] = np.broadcast_to(np.arange(seq_length, dtype=np.int64), (batch_size, seq_length)).copy()
         elif name == "pixel_values":
             channels = getattr(config, "num_channels", 3)
-            feed[name] = rng.standard_normal((batch_size, channels, *_image_size(config))).astype(np.float32)
+            feed[name] = rng.standard_normal((batch_size, channels, *image_size(config))).astype(np.float32)
         else:
             raise ValueError(
                 f"The exported model takes an input {name!r} that hf_oto cannot make up; supported inputs are "
                 "input_ids, attention_mask, token_type_ids, position_ids and pixel_values."
             )
     return feed
-
-
-def _image_size(config: Any) -> tuple[int, int]:
-    """(height, width) of the images a vision model takes: `config.image_size` (an int or a pair), else 224 (what
-    [`~hf_oto.flops.count_flops`] assumes too)."""
-    size = getattr(config, "image_size", None) or 224
-    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
 
 
 def _session(path: Path, num_threads: int | None = None, allow_spinning: bool = True):

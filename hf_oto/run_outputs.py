@@ -540,9 +540,9 @@ def onnx_workflow(
         onnx_benchmark_batch_size=batch_size,
     )
     if getattr(slim, "main_input_name", None) == "pixel_values":
-        from .onnx import _image_size
+        from .flops import image_size
 
-        height, width = _image_size(slim.config)
+        height, width = image_size(slim.config)
         results["onnx_benchmark_image_size"] = [height, width]
         shape = ("batch size x image size", f"{batch_size} x {height} x {width}")
     else:

@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
         "oto_group_sparse": {"accuracy": sparse_accuracy},
         "oto_slim": {
             "accuracy": slim_accuracy,
-            "params": count_parameters(slim),
-            "flops": count_flops(slim, seq_length=128),
+            "params": report.params_after,  # counted once, by the pruning report
+            "flops": report.flops_after,
         },
         "group_sparsity": sparsity,
         "group_sparsity_by_kind": by_kind,

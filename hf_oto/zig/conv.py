@@ -47,6 +47,7 @@ import torch.fx
 from torch import nn
 from transformers.utils import logging
 
+from ..flops import image_size
 from .groups import ZIGFamily, ZIGMember
 
 
@@ -586,8 +587,7 @@ def default_example_inputs(model: nn.Module) -> torch.Tensor:
     if channels is None:
         first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         channels = first_conv.in_channels if first_conv is not None else 3
-    size = getattr(config, "image_size", None) or 32
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+    size = image_size(config, default=32)
     parameter = next(model.parameters(), None)
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     device = parameter.device if parameter is not None else torch.device("cpu")
