@@ -51,7 +51,7 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 
 def _query_modules(model: nn.Module) -> Iterator[nn.Linear]:
     """The query projections of every layer of a supported transformer, or nothing for other models."""
-    from .zig.transformers import TRANSFORMER_LAYOUTS, _join, base_model_prefix, get_layout
+    from .zig.transformers import TRANSFORMER_LAYOUTS, get_layout, model_layers
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in TRANSFORMER_LAYOUTS:
@@ -61,10 +61,9 @@ def _query_modules(model: nn.Module) -> Iterator[nn.Linear]:
         )
         return
     layout = get_layout(model)
-    layers_path = _join(base_model_prefix(model), layout.layers)
     try:
-        layers = model.get_submodule(layers_path)
-    except AttributeError:
+        layers = model_layers(model)
+    except ValueError:  # modules that do not match the layout row: count the linear products only
         return
     for layer in layers:
         try:
