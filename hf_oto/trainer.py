@@ -356,6 +356,57 @@ class OTOTrainer(Trainer):
         logger.info(f"Pruned {zero_groups} zero groups; max abs output difference {difference:.3g} <= {atol:g}.")
         return slim
 
+    def finish(
+        self,
+        pruned_dir: Optional[str] = None,
+        *,
+        export_onnx: bool = False,
+        benchmark_speedup: bool = False,
+        push_to_hub: Optional[bool] = None,
+        results: Optional[dict[str, Any]] = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Everything after `train()` in one call, the same step the training scripts run
+        ([`hf_oto.run_outputs.finish_oto_run`]): prune, check the outputs, measure once, evaluate the slim model (when
+        the trainer has an eval dataset), save it with its card, optionally export it to ONNX and measure its speedup,
+        write `all_results.json`, optionally push.
+
+        Args:
+            pruned_dir (`str`, *optional*): Where the slim model goes; defaults to `<output_dir>/pruned`.
+            export_onnx (`bool`, *optional*, defaults to `False`): Export to `<pruned_dir>/onnx` (the `onnx` extra).
+            benchmark_speedup (`bool`, *optional*, defaults to `False`): Measure the ONNX Runtime speedup too.
+            push_to_hub (`bool`, *optional*): Upload the slim folder once at the end; defaults to `args.push_to_hub`.
+            results (`dict`, *optional*): Figures to include in `all_results.json` (e.g. the train metrics).
+            kwargs: More arguments of [`~hf_oto.run_outputs.finish_oto_run`] (`evaluate`, `check_inputs`,
+                `seq_length`, `card_kwargs`, `overwrite`, ...).
+
+        Returns:
+            `dict`: the results, also written to `<output_dir>/all_results.json`.
+
+        Example:
+
+        ```python
+        >>> trainer.train()
+        >>> results = trainer.finish(export_onnx=True)
+        >>> results["flops_ratio"], results["eval_accuracy"]  # doctest: +SKIP
+        ```
+        """
+        from .run_outputs import OTORunOutputArguments, finish_oto_run
+
+        if self.is_pruned:
+            raise ValueError("The model is already pruned: `finish()` prunes it itself; call it once after training.")
+        output_args = OTORunOutputArguments(export_onnx=export_onnx, benchmark_speedup=benchmark_speedup)
+        kwargs.setdefault("do_eval", self.eval_dataset is not None)
+        kwargs.setdefault("tokenizer", self.processing_class)
+        return finish_oto_run(
+            self,
+            dict(results or {}),
+            output_args,
+            pruned_dir=pruned_dir or os.path.join(self.args.output_dir, "pruned"),
+            push_to_hub=self.args.push_to_hub if push_to_hub is None else push_to_hub,
+            **kwargs,
+        )
+
     def save_pruned_model(self, output_dir: Optional[str] = None, *, overwrite: bool = False) -> str:
         """Writes the pruned model in the Hub format (config with the kept heads and FFN sizes, safetensors weights,
         the processing class and a README.md model card) with `hf_oto.modeling.save_pruned_model`.

@@ -421,6 +421,30 @@ def test_save_pruned_model_reloads_identically(pruned, tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, slim.eval()(**inputs).logits, rtol=0, atol=0)
 
 
+def test_finish_prunes_measures_evaluates_and_saves_once(tmp_path):
+    """`trainer.finish()` is the scripts' finishing step: the results, the card and the folder agree."""
+    data = random_dataset(32)
+    trainer = OTOTrainer(
+        tiny_model("bert"),
+        oto_args(tmp_path / "run", oto_lambda=20.0, oto_max_group_sparsity=0.5),
+        train_dataset=data,
+        eval_dataset=data[:8],
+    )
+    trainer.train()
+    results = trainer.finish(results={"note": "kept"})
+    report = trainer.pruning_report
+    assert trainer.is_pruned and results["note"] == "kept" and results["zero_groups"] > 0
+    assert results["flops"] == report.flops_after < results["dense_flops"] == report.flops_before
+    assert results["pruned_model_dir"] == "pruned" and "eval_loss" in results
+    saved = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert saved["eval_loss"] == results["eval_loss"] and saved["flops_ratio"] == report.flops_ratio
+    card = (tmp_path / "run" / "pruned" / "README.md").read_text()
+    assert "eval_loss" in card and f"{report.params_after:,}" in card
+    assert (tmp_path / "run" / "pruned" / "config.json").is_file()
+    with pytest.raises(ValueError, match="already pruned"):
+        trainer.finish()
+
+
 def test_save_pruned_model_before_pruning_is_an_error(tmp_path):
     trainer = OTOTrainer(tiny_model("bert"), oto_args(tmp_path))
     with pytest.raises(ValueError, match="call `trainer.prune\\(\\)`"):
