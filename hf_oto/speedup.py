@@ -252,7 +252,7 @@ def benchmark_speedup(
     Example:
 
     ```python
-    >>> from hf_oto.onnx import benchmark_speedup
+    >>> from hf_oto.speedup import benchmark_speedup
 
     >>> result = benchmark_speedup(dense_model, slim_model, batch_size=1, seq_length=128, repeats=20)  # doctest: +SKIP
     >>> print(result)  # doctest: +SKIP
