@@ -70,6 +70,12 @@ class GroupKind:
         """The report columns of this kind: `(column title, {row: count})` pairs."""
         raise NotImplementedError
 
+    def kept_count(self, family: ZIGFamily, entries: Mapping[str, Mapping[Any, int]]) -> int:
+        """How many groups of `family` a recorded layout keeps ([`~hf_oto.layout.OTOLayout.entries`]): the inverse of
+        [`GroupKind.layout_entries`], used when a saved model is rebuilt. Default: the value of its first entry."""
+        key, index, _ = self.layout_entries(family, 0)[0]
+        return entries[key][index]
+
     def applies_to(self, layout: OTOLayout) -> bool:
         """Whether `layout` has entries of this kind."""
         return bool(self.columns(layout)) and any(len(values) for _, values in self.columns(layout))
@@ -114,6 +120,24 @@ class HeadsKind(GroupKind):
 
     def group_width(self, family: ZIGFamily) -> int:
         return family.meta["head_dim"] * family.meta["queries_per_group"]
+
+    def kept_count(self, family: ZIGFamily, entries: Mapping[str, Mapping[Any, int]]) -> int:
+        qpg = family.meta["queries_per_group"]
+        heads = entries["num_attention_heads"][family.layer]
+        if "num_key_value_heads" in entries:
+            kept = entries["num_key_value_heads"][family.layer]
+            if heads != kept * qpg:
+                raise ValueError(
+                    f"oto_layout of layer {family.layer}: {heads} query heads do not match {kept} key/value heads x "
+                    f"{qpg} query heads per group."
+                )
+            return kept
+        if heads % qpg:
+            raise ValueError(
+                f"oto_layout of layer {family.layer}: {heads} query heads is not a multiple of the {qpg} query heads "
+                "per key/value head."
+            )
+        return heads // qpg
 
     def after_slice(self, model: nn.Module, family: ZIGFamily, kept: int) -> None:
         from .pruned_attention import update_attention

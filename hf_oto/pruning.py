@@ -268,7 +268,7 @@ def apply_layout(model: nn.Module, layout: Mapping[str, Any] | OTOLayout) -> nn.
     entries = target.entries()
     plan = []
     for family in families:
-        kept = _kept_count(family, entries)
+        kept = kind_of(family).kept_count(family, entries)
         plan.append((family, torch.arange(kept)))
     _slice_families(model, plan)
     if getattr(model, "config", None) is not None:
@@ -280,27 +280,3 @@ def _is_transformer_model(model: nn.Module) -> bool:
     from .zig.build import has_transformer_layout
 
     return has_transformer_layout(model)
-
-
-def _kept_count(family: ZIGFamily, entries: Mapping[str, Mapping[Any, int]]) -> int:
-    """How many groups of `family` a layout keeps (checked to be a whole number of groups for GQA heads)."""
-    if family.kind == "channels":
-        return entries["channels"][family.name]
-    if family.kind == "ffn":
-        return entries["intermediate_size"][family.layer]
-    qpg = family.meta["queries_per_group"]
-    heads = entries["num_attention_heads"][family.layer]
-    if "num_key_value_heads" in entries:
-        kept = entries["num_key_value_heads"][family.layer]
-        if heads != kept * qpg:
-            raise ValueError(
-                f"oto_layout of layer {family.layer}: {heads} query heads do not match {kept} key/value heads x {qpg} "
-                "query heads per group."
-            )
-        return kept
-    if heads % qpg:
-        raise ValueError(
-            f"oto_layout of layer {family.layer}: {heads} query heads is not a multiple of the {qpg} query heads per "
-            "key/value head."
-        )
-    return heads // qpg
