@@ -69,8 +69,9 @@ class OTOArguments:
             rounded down). Used only when `oto_init_steps` is not given; when neither is given the fraction is `0.2`
             in the target mode and `0.5` in the paper mode.
         oto_variant (`str`, *optional*, defaults to `"adamw"`):
-            Base direction of HSPG: `"adamw"` (uses `adam_beta1`, `adam_beta2`, `adam_epsilon`) or `"sgd"` (uses
-            `oto_momentum`).
+            Base direction of HSPG: `"adamw"` (uses `adam_beta1`, `adam_beta2`, `adam_epsilon`), `"sgd"` (uses
+            `oto_momentum`), or the name of a direction registered with
+            [`~hf_oto.optim.directions.register_direction`] (the command line offers the built-in ones).
         oto_momentum (`float`, *optional*, defaults to `0.9`):
             Momentum in [0, 1) of the `"sgd"` variant.
         oto_max_group_sparsity (`float`, *optional*):
@@ -265,8 +266,13 @@ class OTOArguments:
                 f"Both oto_init_steps={self.oto_init_steps} and oto_init_fraction={self.oto_init_fraction} are set; "
                 "oto_init_steps wins."
             )
-        if self.oto_variant not in OTO_VARIANTS:
-            raise ValueError(f"oto_variant must be one of {list(OTO_VARIANTS)}; got {self.oto_variant!r}.")
+        from .optim.directions import DIRECTIONS  # built-ins and any direction registered with @register_direction
+
+        if self.oto_variant not in DIRECTIONS:
+            raise ValueError(
+                f"oto_variant must be one of {sorted(DIRECTIONS)}; got {self.oto_variant!r}. (A base direction of your "
+                "own is registered with `hf_oto.optim.directions.register_direction`.)"
+            )
         if not (isinstance(self.oto_momentum, (int, float)) and 0.0 <= self.oto_momentum < 1.0):
             raise ValueError(f"oto_momentum must be in [0, 1); got {self.oto_momentum!r}.")
         if self.oto_max_group_sparsity is not None and not (

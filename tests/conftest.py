@@ -10,14 +10,19 @@ from accelerate.state import AcceleratorState
 from transformers.utils import logging as transformers_logging
 
 
+SESSION_VERBOSITY = transformers_logging.get_verbosity()
+"""The `transformers` verbosity when the test session starts."""
+
+
 @pytest.fixture(autouse=True)
 def restore_transformers_verbosity():
     """A `Trainer` applies its `log_level` to the whole `transformers` logger (the trainer tests pass `"error"`):
-    every test starts from, and leaves, the verbosity it found, so tests that read transformers' warnings do not
+    every test starts from, and leaves, the verbosity of the session's start — not the one it finds, which a
+    module-scoped fixture that built a `Trainer` may have changed — so tests that read transformers' warnings do not
     depend on the order the tests run in."""
-    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity(SESSION_VERBOSITY)
     yield
-    transformers_logging.set_verbosity(verbosity)
+    transformers_logging.set_verbosity(SESSION_VERBOSITY)
 
 
 @pytest.fixture

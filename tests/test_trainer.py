@@ -421,6 +421,26 @@ def test_save_pruned_model_reloads_identically(pruned, tmp_path):
         torch.testing.assert_close(reloaded(**inputs).logits, slim.eval()(**inputs).logits, rtol=0, atol=0)
 
 
+def test_a_registered_base_direction_trains_through_the_trainer(tmp_path, monkeypatch):
+    """A base direction is one registered class: OTOTrainingArguments and OTOTrainer accept it by name."""
+    from hf_oto.optim import directions
+
+    class SlowAdamW(directions.AdamWDirection):
+        name = "slow_adamw"
+
+    monkeypatch.setitem(directions.DIRECTIONS, "slow_adamw", SlowAdamW)
+    trainer = OTOTrainer(
+        tiny_model("bert"),
+        oto_args(tmp_path, max_steps=8, oto_variant="slow_adamw", oto_lambda=20.0, oto_init_steps=2),
+        train_dataset=random_dataset(16),
+    )
+    trainer.train()
+    assert trainer.optimizer.param_groups[0]["variant"] == "slow_adamw" and trainer.zigs.num_zero_groups() > 0
+    monkeypatch.delitem(directions.DIRECTIONS, "slow_adamw")
+    with pytest.raises(ValueError, match="oto_variant must be one of.*register_direction"):
+        oto_args(tmp_path, oto_variant="slow_adamw")
+
+
 def test_finish_prunes_measures_evaluates_and_saves_once(tmp_path):
     """`trainer.finish()` is the scripts' finishing step: the results, the card and the folder agree."""
     data = random_dataset(32)
