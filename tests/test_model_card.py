@@ -143,3 +143,11 @@ def test_image_card_loads_with_the_image_processor(tmp_path):
     assert text.split("---", 2)[2].lstrip().startswith("# Model pruned with OTO for image classification\n")
     assert 'image_processor="path/to/this/folder"' in text
     assert "import hf_oto  # registers OTOImageProcessor" in text
+
+
+def test_question_answering_cards_say_the_pipeline_is_transformers_4_only(tmp_path):
+    report = _pruned_report("bert-qa")
+    qa = write_model_card(tmp_path / "qa", report, auto_class="AutoModelForQuestionAnswering").read_text()
+    assert 'pipeline("question-answering"' in qa and "transformers 5 removed it" in qa
+    other = write_model_card(tmp_path / "cls", report, auto_class="AutoModelForSequenceClassification").read_text()
+    assert "transformers 5 removed it" not in other
