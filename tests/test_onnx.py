@@ -211,7 +211,7 @@ def _slim_convnet(factory, seed: int = 0):
 
 
 def _convnet_factories():
-    from .tiny_convnets import tiny_cifar_resnet, tiny_hf_resnet, tiny_vgg
+    from .tiny_convnets import tiny_cifar_resnet, tiny_hf_convnext, tiny_hf_resnet, tiny_vgg
 
     return {
         "cifar-vgg": tiny_vgg,
@@ -220,6 +220,8 @@ def _convnet_factories():
         "hf-resnet": tiny_hf_resnet,
         "hf-regnet": _tiny_regnet,
         "hf-efficientnet": _tiny_efficientnet,
+        "hf-convnext": tiny_hf_convnext,
+        "hf-convnext-v2": lambda: tiny_hf_convnext(2),  # its global response norm becomes a stand-in when sliced
     }
 
 
