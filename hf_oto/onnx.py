@@ -157,8 +157,18 @@ def resolve_task(model: nn.Module, task: str | None = None) -> str:
     _require_optimum()
     from optimum.exporters.tasks import TasksManager
 
-    model_type = model.config.model_type.replace("_", "-")
-    supported = list(TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers"))
+    # Optimum's table spells some types as transformers does (`mobilenet_v2`, `gpt_neo`), others with hyphens
+    # (`deberta-v2`, `hf-oto-cifar-convnet`): try the model's own spelling first.
+    model_type = model.config.model_type
+    try:
+        supported = list(
+            TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
+        )
+    except KeyError:
+        model_type = model_type.replace("_", "-")
+        supported = list(
+            TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
+        )
     if (task is None or task == "auto") and model_type in HF_OTO_ONNX_TASKS:
         task = HF_OTO_ONNX_TASKS[model_type][0]  # Optimum infers tasks from the class names it knows
     if task is None or task == "auto":

@@ -211,7 +211,7 @@ def _slim_convnet(factory, seed: int = 0):
 
 
 def _convnet_factories():
-    from .tiny_convnets import tiny_cifar_resnet, tiny_hf_convnext, tiny_hf_resnet, tiny_vgg
+    from .tiny_convnets import tiny_cifar_resnet, tiny_hf_convnext, tiny_hf_mobilenet, tiny_hf_resnet, tiny_vgg
 
     return {
         "cifar-vgg": tiny_vgg,
@@ -222,6 +222,8 @@ def _convnet_factories():
         "hf-efficientnet": _tiny_efficientnet,
         "hf-convnext": tiny_hf_convnext,
         "hf-convnext-v2": lambda: tiny_hf_convnext(2),  # its global response norm becomes a stand-in when sliced
+        "hf-mobilenet-v1": tiny_hf_mobilenet,
+        "hf-mobilenet-v2": lambda: tiny_hf_mobilenet(2),  # Optimum spells this type `mobilenet_v2`
     }
 
 
