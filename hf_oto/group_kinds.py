@@ -78,7 +78,7 @@ class GroupKind:
 
     def applies_to(self, layout: OTOLayout) -> bool:
         """Whether `layout` has entries of this kind."""
-        return bool(self.columns(layout)) and any(len(values) for _, values in self.columns(layout))
+        return any(len(values) for _, values in self.columns(layout))
 
     def total(self, layout: OTOLayout) -> int:
         """The kept groups of this kind in `layout` (the first column: heads, FFN rows, channels)."""
@@ -240,9 +240,9 @@ def kinds_in(layout: OTOLayout) -> list[GroupKind]:
     return [kind for kind in GROUP_KINDS.values() if kind.applies_to(layout)]
 
 
-def report_columns(layout: OTOLayout) -> tuple[str, list[tuple[str, Mapping[Any, int]]]]:
-    """The row axis (`"layer"` or `"family"`) and the columns of every registered kind that applies to `layout`,
-    in registration order: what reports, cards and plots lay out.
+def report_columns(layout: OTOLayout) -> tuple[str, list[tuple[GroupKind, str, Mapping[Any, int]]]]:
+    """The row axis (`"layer"` or `"family"`) and the columns `(kind, title, {row: count})` of every registered kind
+    that applies to `layout`, in registration order: what reports, cards and plots lay out.
 
     Example:
 
@@ -250,11 +250,11 @@ def report_columns(layout: OTOLayout) -> tuple[str, list[tuple[str, Mapping[Any,
     >>> from hf_oto.layout import OTOLayout
 
     >>> axis, columns = report_columns(OTOLayout(num_attention_heads=[4, 2], intermediate_size=[37, 9]))
-    >>> axis, [title for title, _ in columns]
+    >>> axis, [title for _, title, _ in columns]
     ('layer', ['heads', 'FFN rows'])
     ```
     """
     kinds = kinds_in(layout)
     axes = {kind.axis for kind in kinds}
     axis = axes.pop() if len(axes) == 1 else "layer"
-    return axis, [column for kind in kinds for column in kind.columns(layout)]
+    return axis, [(kind, title, values) for kind in kinds for title, values in kind.columns(layout)]

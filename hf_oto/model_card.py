@@ -14,7 +14,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
-from .group_kinds import GroupKind, kinds_in
+from .group_kinds import kinds_in
 from .hub import LOCAL_REPO_PLACEHOLDER
 from .report import PruningReport
 
@@ -121,22 +121,11 @@ def _ratio(after: int, before: int) -> str:
     return f"{after / before:.1%}" if before else "-"
 
 
-def _kind_columns(report: PruningReport) -> list[tuple[GroupKind, str, dict[Any, tuple[int, int]]]]:
-    """`(kind, column title, {row: (before, after)})` for every column of every group kind of the report."""
-    _, columns = report.columns()
-    by_title = dict(columns)
-    return [
-        (kind, title, by_title[title])
-        for kind in kinds_in(report.layout_before)
-        for title, _ in kind.columns(report.layout_before)
-    ]
-
-
 def layout_table(report: PruningReport) -> str:
     """Markdown table of what every row keeps: per layer the kept heads (and KV heads) and FFN rows of a
     transformer, per channel family the kept channels of a convolutional network (laid out by the group kinds, see
     [`~hf_oto.group_kinds`])."""
-    columns = _kind_columns(report)
+    _, columns = report.columns()
     if not columns:
         return ""
     first = columns[0][0]
@@ -164,14 +153,13 @@ def plot_layout(report: PruningReport, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    axis_name, _ = report.columns()
+    axis_name, columns = report.columns()
     kinds = kinds_in(report.layout_before)
     # One bar series per kind: its first column (heads, FFN rows, channels; not the KV heads)
-    firsts = [
-        (kind, title, values)
-        for kind, title, values in _kind_columns(report)
-        if title == kind.columns(report.layout_before)[0][0]
-    ]
+    firsts = []
+    for column in columns:
+        if all(column[0] is not first[0] for first in firsts):
+            firsts.append(column)
     rows = list(firsts[0][2]) if firsts else []
     positions = list(range(len(rows)))
     per_layer = axis_name == "layer"

@@ -28,6 +28,7 @@ from .group_kinds import kind_of
 from .layout import LAYOUT_FORMAT_VERSION, OTOLayout, read_layout
 from .pruned_attention import PrunedAttention, _new_stand_in  # noqa: F401  (pickles name hf_oto.pruning._new_stand_in)
 from .report import PruningReport  # noqa: F401  (its historical home)
+from .zig.build import has_transformer_layout
 from .zig.conv import DEPTHWISE_MARK, ChannelAdapter, channel_families, get_channel_adapter, is_depthwise
 from .zig.groups import ZIGFamily, ZIGMember, ZIGSet
 from .zig.transformers import transformer_families
@@ -259,7 +260,7 @@ def apply_layout(model: nn.Module, layout: Mapping[str, Any] | OTOLayout) -> nn.
     """
     target = OTOLayout.from_dict(layout)
     if target.is_transformer:
-        families = transformer_families(model) if _is_transformer_model(model) else []
+        families = transformer_families(model) if has_transformer_layout(model) else []
         dense = read_layout(model) if families else OTOLayout(channels={})
     else:
         families, _ = channel_families(model)
@@ -274,9 +275,3 @@ def apply_layout(model: nn.Module, layout: Mapping[str, Any] | OTOLayout) -> nn.
     if getattr(model, "config", None) is not None:
         model.config.oto_layout = target.to_dict()
     return model
-
-
-def _is_transformer_model(model: nn.Module) -> bool:
-    from .zig.build import has_transformer_layout
-
-    return has_transformer_layout(model)

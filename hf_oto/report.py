@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .flops import clamp_flops_seq_length, count_flops, count_parameters
-from .group_kinds import report_columns
+from .group_kinds import GroupKind, report_columns
 from .layout import OTOLayout
 
 
@@ -149,15 +149,15 @@ class PruningReport:
     channels_before = property(lambda self: _dict_or_none(self.layout_before.channels))
     channels_after = property(lambda self: _dict_or_none(self.layout_after.channels))
 
-    def columns(self) -> tuple[str, list[tuple[str, dict[Any, tuple[int, int]]]]]:
-        """The row axis (`"layer"` or `"family"`) and, per column of every group kind, `{row: (before, after)}`:
-        what tables and plots lay out (see [`~hf_oto.group_kinds.report_columns`])."""
+    def columns(self) -> tuple[str, list[tuple[GroupKind, str, dict[Any, tuple[int, int]]]]]:
+        """The row axis (`"layer"` or `"family"`) and, per column of every group kind, `(kind, title, {row: (before,
+        after)})`: what tables and plots lay out (see [`~hf_oto.group_kinds.report_columns`])."""
         axis, before = report_columns(self.layout_before)
         _, after = report_columns(self.layout_after)
-        after_by_title = dict(after)
+        after_by_title = {title: values for _, title, values in after}
         return axis, [
-            (title, {row: (count, after_by_title[title][row]) for row, count in values.items()})
-            for title, values in before
+            (kind, title, {row: (count, after_by_title[title][row]) for row, count in values.items()})
+            for kind, title, values in before
         ]
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,14 +182,14 @@ class PruningReport:
 
     def __str__(self) -> str:
         axis, columns = self.columns()
-        rows = list(columns[0][1]) if columns else []
+        rows = list(columns[0][2]) if columns else []
         width = max([len(str(row)) for row in rows] + [6 if axis == "family" else 5])
         header = f"{axis:<{width}}" if axis == "family" else f"{axis:>{width}}"
-        cells = [f"{title.lower():>15}" for title, _ in columns]
+        cells = [f"{title.lower():>15}" for _, title, _ in columns]
         lines = [" ".join([header, *cells])]
         for row in rows:
             label = f"{row!s:<{width}}" if axis == "family" else f"{row!s:>{width}}"
-            values = [f"{before:>6} -> {after:<6}" for before, after in (column[row] for _, column in columns)]
+            values = [f"{before:>6} -> {after:<6}" for before, after in (column[row] for _, _, column in columns)]
             lines.append(" ".join([label, *values]))
         lines.append(self._totals_line())
         return "\n".join(lines)

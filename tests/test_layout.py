@@ -162,7 +162,7 @@ def test_a_new_kind_is_one_registered_class(monkeypatch):
     assert kind_of(family).label == "bias rows"
     assert layout.intermediate_size[0] == size // 2 == slim.get_submodule(up).out_features
     _, columns = report_columns(layout)
-    assert [title for title, _ in columns] == ["heads", "FFN rows", "bias rows"]
+    assert [title for _, title, _ in columns] == ["heads", "FFN rows", "bias rows"]
 
 
 def test_layout_format_version_is_the_one_written():
