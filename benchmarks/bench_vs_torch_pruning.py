@@ -111,6 +111,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_train_epochs", type=float, default=2.0, help="Budget of every method (demo: 2).")
     parser.add_argument("--oto_paper_lambda", type=float, default=100.0, help="λ of the oto_paper runs.")
     parser.add_argument("--oto_paper_init_fraction", type=float, default=0.3)
+    parser.add_argument(
+        "--oto_options",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Extra OTOTrainingArguments of the oto_target runs (e.g. oto_pruning_periods=8). Runs with options are "
+        "stored and reported as their own row, `oto_target[field=value]`.",
+    )
     parser.add_argument("--tp_taylor_batches", type=int, default=10, help="Batches of Taylor gradients.")
     parser.add_argument(
         "--tp_global_pruning",
@@ -138,6 +146,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--report", action="store_true", help="Only print the tables of the runs stored in --output (no training)."
     )
     args = parser.parse_args(argv)
+    try:
+        args.oto_options = parse_oto_options(args.oto_options)
+    except ValueError as error:
+        parser.error(str(error))
     if args.num_train_epochs <= 0:
         parser.error("--num_train_epochs must be positive.")
     for target in args.targets:
@@ -146,6 +158,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tp_taylor_batches < 1 or args.tp_search_iterations < 1:
         parser.error("--tp_taylor_batches and --tp_search_iterations must be positive.")
     return args
+
+
+def parse_oto_options(items: list[str]) -> dict[str, Any]:
+    """`["oto_pruning_periods=8"]` → `{"oto_pruning_periods": 8}` (values read as JSON when they parse, else as text);
+    every name must be a field of `OTOTrainingArguments`."""
+    options: dict[str, Any] = {}
+    fields = oto_fields()
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--oto_options takes FIELD=VALUE items, e.g. oto_pruning_periods=8; got {item!r}.")
+        if name not in fields:
+            raise ValueError(f"--oto_options: {name!r} is not a field of OTOTrainingArguments.")
+        try:
+            options[name] = json.loads(text)
+        except json.JSONDecodeError:
+            options[name] = text
+    return options
+
+
+def run_label(run: dict[str, Any]) -> str:
+    """The row a run is reported in: its method, with its `--oto_options` when it has some."""
+    options = run.get("settings", {}).get("oto_options")
+    if not options:
+        return run["method"]
+    return run["method"] + "[" + ",".join(f"{k.removeprefix('oto_')}={v}" for k, v in sorted(options.items())) + "]"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,6 +207,8 @@ def run_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
         )
     elif method == "oto_paper":
         settings.update(oto_lambda=args.oto_paper_lambda, oto_init_fraction=args.oto_paper_init_fraction)
+    elif method == "oto_target" and args.oto_options:
+        settings.update(oto_options=dict(args.oto_options))
     return settings
 
 
@@ -626,7 +666,7 @@ def run_oto(ctx: Context, seed: int, target: float, mode: str) -> dict[str, Any]
     extra: dict[str, Any] = {}
     record: dict[str, Any] = {}
     if mode == "target":
-        extra.update(oto_mode="target", oto_target_flops=target)
+        extra.update(oto_mode="target", oto_target_flops=target, **ctx.args.oto_options)
     else:
         bound = paper_bound(ctx, target)
         record["paper_bound"] = bound
@@ -703,7 +743,7 @@ def format_table(runs: list[dict[str, Any]], methods: list[str], targets: list[f
     rows = [("dense", None)] if "dense" in methods else []
     rows += [(m, t) for m in methods if m != "dense" for t in targets]
     for method, target in rows:
-        group = [r for r in runs if r["method"] == method and (target is None or r["target"] == target)]
+        group = [r for r in runs if run_label(r) == method and (target is None or r["target"] == target)]
         label = "-" if target is None else f"{target:.0%}"
         done = [r for r in group if r.get("accuracy") is not None]
         if not done:
@@ -723,10 +763,18 @@ def format_table(runs: list[dict[str, Any]], methods: list[str], targets: list[f
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
+def report_labels(runs: list[dict[str, Any]]) -> list[str]:
+    """Rows of the report: the methods in their usual order, each followed by its runs with `--oto_options`."""
+    labels = []
+    for method in METHODS:
+        labels += sorted({run_label(r) for r in runs if r["method"] == method}, key=lambda label: (label != method, label))
+    return labels
+
+
 def format_paired(runs: list[dict[str, Any]]) -> str:
     """Per seed and target: the accuracy of every method on that seed, so that methods compare on the same split
     of randomness (data order, head initialisation)."""
-    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    methods = report_labels(runs)
     lines = ["| seed | target | " + " | ".join(methods) + " |", "|---|---|" + "---:|" * len(methods)]
     seeds = sorted({r["seed"] for r in runs})
     targets = sorted({r["target"] for r in runs if r["target"] is not None}, reverse=True)
@@ -737,7 +785,7 @@ def format_paired(runs: list[dict[str, Any]]) -> str:
                 match = [
                     r
                     for r in runs
-                    if r["method"] == method
+                    if run_label(r) == method
                     and r["seed"] == seed
                     and r["target"] in ((None,) if method == "dense" else (target,))
                 ]
@@ -752,7 +800,7 @@ def main(argv=None) -> int:
     if args.report:
         runs = load_results(Path(args.output))["runs"]
         targets = sorted({r["target"] for r in runs if r["target"] is not None}, reverse=True)
-        methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+        methods = report_labels(runs)
         print(format_table(runs, methods, targets))
         print()
         print(format_paired(runs))
@@ -816,7 +864,7 @@ def main(argv=None) -> int:
                     summary = {k: run.get(k) for k in ("accuracy", "flops_fraction", "heads_per_layer", "wall_time_s")}
                     print(f"--> {method} seed {seed} target {target}: {summary}", flush=True)
     print()
-    print(format_table(table_runs, methods, args.targets))
+    print(format_table(table_runs, report_labels(table_runs), args.targets))
     print(f"\nruns in {output}; {failures} failed")
     return 1 if failures else 0
 
