@@ -16,7 +16,6 @@ from .distributed import check_distributed_support
 logger = logging.get_logger(__name__)
 
 OTO_FAMILIES = ("heads", "ffn", "channels")
-OTO_VARIANTS = ("adamw", "sgd")
 OTO_MODES = ("target", "paper")
 DEFAULT_INIT_FRACTION = {"target": 0.2, "paper": 0.5}
 """Per mode, the fraction of the training steps before the first zero group (the paper mode's initialization stage,
@@ -167,7 +166,10 @@ class OTOArguments:
     )
     oto_variant: str = field(
         default="adamw",
-        metadata={"help": "Base direction of HSPG: adamw or sgd.", "choices": list(OTO_VARIANTS)},
+        metadata={
+            "help": "Base direction of HSPG: adamw or sgd, or the name of a direction registered with "
+            "hf_oto.optim.directions.register_direction."
+        },
     )
     oto_momentum: float = field(
         default=0.9,

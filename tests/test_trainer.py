@@ -118,7 +118,7 @@ def test_arguments_parse_from_command_line_and_json_round_trip(tmp_path):
     assert args.oto_max_group_sparsity == 0.8
     assert args.oto_families == ["heads"] and args.oto_exclude == ["*.layer.0.*", "*.layer.2.*"]
 
-    with pytest.raises(SystemExit):  # argparse choices
+    with pytest.raises(ValueError, match=r"oto_variant must be one of \['adamw', 'sgd'\]; got 'adam'"):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--oto_variant", "adam"])
 
     # to_json_string masks the *_token fields; everything else must come back unchanged.
@@ -429,6 +429,10 @@ def test_a_registered_base_direction_trains_through_the_trainer(tmp_path, monkey
         name = "slow_adamw"
 
     monkeypatch.setitem(directions.DIRECTIONS, "slow_adamw", SlowAdamW)
+    (parsed,) = HfArgumentParser(OTOTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--oto_variant", "slow_adamw"]
+    )  # the command line of the scripts takes it too
+    assert parsed.oto_variant == "slow_adamw"
     trainer = OTOTrainer(
         tiny_model("bert"),
         oto_args(tmp_path, max_steps=8, oto_variant="slow_adamw", oto_lambda=20.0, oto_init_steps=2),
