@@ -767,7 +767,9 @@ def report_labels(runs: list[dict[str, Any]]) -> list[str]:
     """Rows of the report: the methods in their usual order, each followed by its runs with `--oto_options`."""
     labels = []
     for method in METHODS:
-        labels += sorted({run_label(r) for r in runs if r["method"] == method}, key=lambda label: (label != method, label))
+        labels += sorted(
+            {run_label(r) for r in runs if r["method"] == method}, key=lambda label: (label != method, label)
+        )
     return labels
 
 
