@@ -116,8 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="FIELD=VALUE",
-        help="Extra OTOTrainingArguments of the oto_target runs (e.g. oto_pruning_periods=8). Runs with options are "
-        "stored and reported as their own row, `oto_target[field=value]`.",
+        help="Extra OTOTrainingArguments of the oto_target runs (e.g. oto_pruning_periods=8). Runs whose options "
+        "differ from the current defaults are reported as their own row, `oto_target[field=value]`.",
     )
     parser.add_argument("--tp_taylor_batches", type=int, default=10, help="Batches of Taylor gradients.")
     parser.add_argument(
@@ -178,9 +178,31 @@ def parse_oto_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+RECORDED_TARGET_FIELDS = ("oto_pruning_periods",)
+"""Target-mode knobs every oto_target run records with its effective value (so that changing a default makes new
+runs, and reports the old ones under their setting)."""
+
+
+def oto_field_defaults() -> dict[str, Any]:
+    from hf_oto import OTOTrainingArguments
+
+    return {f.name: f.default for f in dataclasses.fields(OTOTrainingArguments) if f.default is not dataclasses.MISSING}
+
+
+def target_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The oto_target runs' recorded options: the effective `RECORDED_TARGET_FIELDS`, then `--oto_options`."""
+    defaults = oto_field_defaults()
+    return {**{name: defaults[name] for name in RECORDED_TARGET_FIELDS}, **args.oto_options}
+
+
 def run_label(run: dict[str, Any]) -> str:
-    """The row a run is reported in: its method, with its `--oto_options` when it has some."""
-    options = run.get("settings", {}).get("oto_options")
+    """The row a run is reported in: its method, with the options it ran with that differ from today's defaults."""
+    defaults = oto_field_defaults()
+    options = {
+        name: value
+        for name, value in run.get("settings", {}).get("oto_options", {}).items()
+        if name not in defaults or defaults[name] != value
+    }
     if not options:
         return run["method"]
     return run["method"] + "[" + ",".join(f"{k.removeprefix('oto_')}={v}" for k, v in sorted(options.items())) + "]"
@@ -207,8 +229,8 @@ def run_settings(args: argparse.Namespace, method: str) -> dict[str, Any]:
         )
     elif method == "oto_paper":
         settings.update(oto_lambda=args.oto_paper_lambda, oto_init_fraction=args.oto_paper_init_fraction)
-    elif method == "oto_target" and args.oto_options:
-        settings.update(oto_options=dict(args.oto_options))
+    elif method == "oto_target":
+        settings.update(oto_options=target_options(args))
     return settings
 
 

@@ -192,7 +192,7 @@ class HSPG(Optimizer):
         pruning_steps (`int`, *optional*):
             Target mode: length in steps of the pruning window that starts at `init_steps`; every selected group is
             exactly zero at `init_steps + pruning_steps` (rounded down to whole periods).
-        pruning_periods (`int`, *optional*, defaults to 4):
+        pruning_periods (`int`, *optional*, defaults to 8):
             Target mode: number of selections in the pruning window (each group ramps to zero over one period).
         group_costs ([`~hf_oto.costs.GroupCosts`], *optional*):
             Target mode: the costs of the groups; measured on `zigs.model` at `cost_seq_length` tokens when not given.
@@ -239,7 +239,7 @@ class HSPG(Optimizer):
         mode: str = "paper",
         target: PruningTarget | None = None,
         pruning_steps: int | None = None,
-        pruning_periods: int = 4,
+        pruning_periods: int = 8,
         group_costs: GroupCosts | None = None,
         cost_seq_length: int = 128,
     ):
