@@ -186,7 +186,9 @@ runs, and reports the old ones under their setting)."""
 def oto_field_defaults() -> dict[str, Any]:
     from hf_oto import OTOTrainingArguments
 
-    return {f.name: f.default for f in dataclasses.fields(OTOTrainingArguments) if f.default is not dataclasses.MISSING}
+    return {
+        f.name: f.default for f in dataclasses.fields(OTOTrainingArguments) if f.default is not dataclasses.MISSING
+    }
 
 
 def target_options(args: argparse.Namespace) -> dict[str, Any]:
