@@ -25,6 +25,7 @@ at lr 0.05 (linear decay), weight decay 5e-4; OTO: HSPG `sgd`, λ 0.02, ε 0.3, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import platform
@@ -59,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--oto_variant", choices=["adamw", "sgd"], default="sgd")
     parser.add_argument("--oto_mode", choices=["paper", "target"], default="paper")
     parser.add_argument("--oto_target_flops", type=float, default=None, help="Target mode: FLOPs fraction to keep.")
+    parser.add_argument(
+        "--oto_pruning_periods",
+        type=int,
+        default=None,
+        help="Target mode: selections in the pruning window (default: OTOTrainingArguments' default, recorded).",
+    )
     parser.add_argument("--oto_lambda", type=float, default=0.02)
     parser.add_argument("--oto_epsilon", type=float, default=0.3)
     parser.add_argument("--oto_init_fraction", type=float, default=0.3)
@@ -69,7 +76,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="outputs/bench-cnn-fashion-mnist")
     parser.add_argument("--output_json", default=None)
     parser.add_argument("--skip_dense", action="store_true", help="Only the OTO runs.")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.oto_mode == "target" and args.oto_pruning_periods is None:
+        from hf_oto import OTOTrainingArguments
+
+        fields = {f.name: f for f in dataclasses.fields(OTOTrainingArguments)}
+        args.oto_pruning_periods = fields["oto_pruning_periods"].default  # recorded in the JSON's settings
+    return args
 
 
 def run_one(script, args, architecture: str, dense: bool) -> dict:
@@ -89,8 +102,10 @@ def run_one(script, args, architecture: str, dense: bool) -> dict:
         argv += ["--oto_init_fraction", str(args.oto_init_fraction)]
         if args.oto_max_group_sparsity is not None:
             argv += ["--oto_max_group_sparsity", str(args.oto_max_group_sparsity)]
-    elif args.oto_target_flops is not None:
-        argv += ["--oto_target_flops", str(args.oto_target_flops)]
+    else:
+        argv += ["--oto_pruning_periods", str(args.oto_pruning_periods)]
+        if args.oto_target_flops is not None:
+            argv += ["--oto_target_flops", str(args.oto_target_flops)]
     if args.max_eval_samples:
         argv += ["--max_eval_samples", str(args.max_eval_samples)]
     if args.oto_max_family_sparsity is not None:
