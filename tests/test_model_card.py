@@ -78,6 +78,7 @@ def test_card_without_optional_sections(tmp_path):
     assert "## Evaluation" not in text
     assert "onnx/" not in text
     assert "(not recorded)" in text
+    assert "```\n\n## Size" in text  # sections left out leave no blank lines behind
 
 
 def test_card_metadata_promises_only_what_loads(tmp_path):
