@@ -53,7 +53,7 @@ class OTOArguments:
             starting after the first `oto_init_fraction` of them. The rest of the run trains the slim architecture.
         oto_pruning_periods (`int`, *optional*, defaults to 8):
             Target mode: number of selections (re-scorings) in the pruning window. 8 beat 4 on all three seeds of
-            the demo benchmark at 50% FLOPs (`benchmarks/README.md`).
+            the demo benchmark at 50% FLOPs, not at 68% (`benchmarks/README.md`).
         oto_cost_seq_length (`int`, *optional*, defaults to 128):
             Target mode: the sequence length at which FLOPs are counted for the target (and the report).
         oto_lambda (`float`, *optional*):
