@@ -71,7 +71,8 @@ class OTOArguments:
         oto_variant (`str`, *optional*, defaults to `"adamw"`):
             Base direction of HSPG: `"adamw"` (uses `adam_beta1`, `adam_beta2`, `adam_epsilon`), `"sgd"` (uses
             `oto_momentum`), or the name of a direction registered with
-            [`~hf_oto.optim.directions.register_direction`] (the command line offers the built-in ones).
+            [`~hf_oto.optim.directions.register_direction`] (also on the command line, once the module that
+            registers it is imported).
         oto_momentum (`float`, *optional*, defaults to `0.9`):
             Momentum in [0, 1) of the `"sgd"` variant.
         oto_max_group_sparsity (`float`, *optional*):
