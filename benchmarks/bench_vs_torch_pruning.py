@@ -69,6 +69,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -183,7 +184,9 @@ RECORDED_TARGET_FIELDS = ("oto_pruning_periods",)
 runs, and reports the old ones under their setting)."""
 
 
+@functools.cache
 def oto_field_defaults() -> dict[str, Any]:
+    """`{field: default}` of `OTOTrainingArguments` (read once: `run_label` asks for every run of every table row)."""
     from hf_oto import OTOTrainingArguments
 
     return {
