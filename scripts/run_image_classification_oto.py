@@ -95,6 +95,14 @@ class ImageModelArguments(ModelArguments):
     image_size: int | None = field(
         default=None, metadata={"help": "Input size (default: the model config's image_size, else 32)."}
     )
+    width_multiplier: float = field(
+        default=1.0,
+        metadata={
+            "help": "With --architecture: multiply every convolution's width by this (e.g. 0.5 with "
+            "--dense_baseline: the uniformly thinner network at about a quarter of the FLOPs, the classic baseline "
+            "of a pruned one)."
+        },
+    )
 
     def __post_init__(self):
         if (self.architecture is None) == (self.model_name_or_path is None):
@@ -105,6 +113,13 @@ class ImageModelArguments(ModelArguments):
             raise ValueError("--tokenizer_name is for text models: an image classifier takes no tokenizer.")
         if self.architecture is not None and self.architecture not in ARCHITECTURES:
             raise ValueError(f"--architecture {self.architecture!r} is unknown; choose one of {list(ARCHITECTURES)}.")
+        if self.width_multiplier <= 0:
+            raise ValueError(f"--width_multiplier must be positive (e.g. 0.5 for half); got {self.width_multiplier}.")
+        if self.width_multiplier != 1.0 and self.architecture is None:
+            raise ValueError(
+                "--width_multiplier scales a network built with --architecture; a checkpoint given with "
+                "--model_name_or_path keeps its widths (drop --width_multiplier)."
+            )
         if self.image_size is not None and self.image_size < 8:
             raise ValueError(f"--image_size must be at least 8; got {self.image_size}.")
 
@@ -219,6 +234,8 @@ def build_model(model_args: ImageModelArguments, names: list[str], num_channels:
             id2label=id2label,
             label2id=label2id,
         )
+        if model_args.width_multiplier != 1.0:
+            config = config.scaled(model_args.width_multiplier)
         return CifarConvNetForImageClassification(config)
     model = AutoModelForImageClassification.from_pretrained(
         model_args.model_name_or_path,

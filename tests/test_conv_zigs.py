@@ -684,3 +684,16 @@ def test_without_its_adapter_a_timm_batch_norm_act_keeps_its_channels_dense(monk
     families, dense = channel_families(TimmStyleNet())
     assert "batch_norm" in dense["stem.0.channels"]
     assert "last.0.channels" not in {family.name for family in families}
+
+
+def test_scaled_config_is_the_uniformly_thinner_network_at_about_the_square_of_the_flops():
+    from hf_oto.report import measure_model
+
+    full = CifarConvNetConfig.resnet18(num_labels=10)
+    thin = full.scaled(0.5)
+    assert (thin.widths, thin.stem_width, thin.depths) == ([32, 64, 128, 256], 32, full.depths)
+    assert full.widths == [64, 128, 256, 512]  # the original is left as it was
+    flops = [measure_model(CifarConvNetForImageClassification(config)).flops for config in (full, thin)]
+    assert 0.24 < flops[1] / flops[0] < 0.27
+    with pytest.raises(ValueError, match="width_multiplier must be a positive number"):
+        full.scaled(0)

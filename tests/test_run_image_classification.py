@@ -134,12 +134,28 @@ def test_dense_baseline_trains_the_same_recipe_without_oto(tmp_path):
         (["--architecture", "vgg16_bn"], "exactly one data source"),
         (["--architecture", "vgg16_bn", "--idx_dir", "x", "--dataset_name", "cifar10"], "exactly one data source"),
         (["--architecture", "vgg16_bn", "--idx_dir", "x", "--max_train_samples", "0"], "must be a positive"),
+        (["--architecture", "vgg16_bn", "--idx_dir", "x", "--width_multiplier", "0"], "--width_multiplier must be"),
+        (["--model_name_or_path", "m", "--idx_dir", "x", "--width_multiplier", "0.5"], "keeps its widths"),
     ],
 )
 def test_bad_arguments_are_refused_before_any_work(tmp_path, argv, message):
     script = load_script("run_image_classification_oto")
     with pytest.raises(ValueError, match=message):
         script.parse_arguments([*argv, "--output_dir", str(tmp_path)])
+
+
+def test_width_multiplier_builds_the_uniformly_thinner_network(tmp_path):
+    script = load_script("run_image_classification_oto")
+    (model_args, _, _) = script.parse_arguments(
+        ["--architecture", "vgg16_bn", "--width_multiplier", "0.5", "--idx_dir", "x", "--output_dir", str(tmp_path)]
+    )
+    thin = script.build_model(model_args, ["a", "b", "c"], num_channels=1)
+    full = CifarConvNetForImageClassification(CifarConvNetConfig.vgg16_bn(num_labels=3, num_channels=1))
+    thin_widths = [m.out_channels for m in thin.modules() if isinstance(m, torch.nn.Conv2d)]
+    full_widths = [m.out_channels for m in full.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert thin_widths == [width // 2 for width in full_widths]
+    assert thin.config.vgg_layers.count("M") == 5 and thin.config.num_labels == 3
+    assert thin(torch.zeros(1, 1, 32, 32)).logits.shape == (1, 3)
 
 
 def test_idx_files_are_checked(tmp_path):

@@ -237,6 +237,40 @@ class CifarConvNetConfig(PretrainedConfig):
         self.stem_width = stem_width
         super().__init__(**kwargs)
 
+    def scaled(self, width_multiplier: float) -> CifarConvNetConfig:
+        """A copy of this configuration with every convolution's width multiplied by `width_multiplier` (rounded,
+        at least 1): the uniformly thinner (or wider) network, e.g. the classic baseline for a pruned one, trained from
+        scratch at about `width_multiplier ** 2` of the FLOPs.
+
+        Example:
+
+        ```python
+        >>> from hf_oto.models import CifarConvNetConfig
+
+        >>> CifarConvNetConfig.resnet18().scaled(0.5).widths
+        [32, 64, 128, 256]
+        ```
+        """
+        if (
+            isinstance(width_multiplier, bool)
+            or not isinstance(width_multiplier, (int, float))
+            or width_multiplier <= 0
+        ):
+            raise ValueError(
+                f"width_multiplier must be a positive number (e.g. 0.5 for half); got {width_multiplier!r}."
+            )
+
+        def scale(width: int) -> int:
+            return max(1, round(width * width_multiplier))
+
+        config = self.__class__.from_dict(self.to_dict())
+        config.vgg_layers = [layer if layer == "M" else scale(layer) for layer in self.vgg_layers]
+        config.widths = [scale(width) for width in self.widths]
+        config.stem_width = scale(self.stem_width)
+        if config.classifier_hidden:
+            config.classifier_hidden = scale(config.classifier_hidden)
+        return config
+
     @classmethod
     def vgg16_bn(cls, **kwargs) -> CifarConvNetConfig:
         """VGG16 with batch norm (14.7M parameters at 10 classes)."""
