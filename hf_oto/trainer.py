@@ -263,9 +263,12 @@ class OTOTrainer(Trainer):
         )
         if self.args.oto_mode == "target":
             schedule = self.optimizer.schedule
+            # FLOPs of a text model are counted at oto_cost_seq_length tokens; a conv net's on one image
+            tokens = any(family.kind != "channels" for family in self.zigs.families)
+            at = f" at {self.args.oto_cost_seq_length} tokens" if tokens else ""
             logger.info(
-                f"HSPG target mode ({self.args.oto_variant}) over {len(self.zigs)} groups: {self.optimizer.target.describe()}"
-                f" at {self.args.oto_cost_seq_length} tokens; groups selected at steps {schedule.start} to "
+                f"HSPG target mode ({self.args.oto_variant}) over {len(self.zigs)} groups: "
+                f"{self.optimizer.target.describe()}{at}; groups selected at steps {schedule.start} to "
                 f"{schedule.end - schedule.period} and exactly zero by step {schedule.end} of {max_steps}."
             )
         else:

@@ -555,6 +555,20 @@ def test_default_target_mode_reaches_half_the_flops_and_logs_it(tmp_path):
     assert report.flops_after / report.flops_before == pytest.approx(last["oto/flops_kept"])
 
 
+def test_target_mode_log_names_the_token_length_only_for_models_that_take_tokens(tmp_path, caplog):
+    import logging
+
+    from .tiny_convnets import tiny_vgg
+
+    caplog.set_level(logging.INFO, logger="hf_oto.trainer")
+    for name, model in (("bert", tiny_model("bert")), ("vgg", tiny_vgg())):
+        caplog.clear()
+        args = OTOTrainingArguments(**{**QUIET, "output_dir": str(tmp_path / name), "max_steps": 20})
+        OTOTrainer(model, args).create_optimizer()
+        (message,) = [record.getMessage() for record in caplog.records if "HSPG target mode" in record.getMessage()]
+        assert ("at 128 tokens" in message) == (name == "bert"), message
+
+
 def test_a_mean_loss_head_is_divided_by_the_accumulation_steps(tmp_path):
     """transformers 5 gives every forward `**kwargs`; the Trainer then takes the loss as normalised by
     `num_items_in_batch` (no division by the accumulation steps, a product by the processes under DDP). A head whose
